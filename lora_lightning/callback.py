@@ -1,0 +1,186 @@
+"""`LoRAFinetuneCallback`: turns any LightningModule into a LoRA fine-tune. Hook glue only."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lora_lightning.config import LoRAConfig
+from lora_lightning.inject import inject_lora
+from lora_lightning.params import adapter_state_dict, lora_layers, mark_only_adapters_trainable, param_summary
+
+CHECKPOINT_KEY = "lora_config"
+
+
+class LoRAFinetuneCallback(Callback):
+    """Inject LoRA adapters at ``setup``, train only them, and checkpoint only them.
+
+    Args:
+        config: the adapters to inject. ``None`` trains adapters the module already has (e.g. from
+            ``load_adapter``).
+        optimizer: optional factory ``params -> Optimizer`` (a Hydra ``_partial_`` fits); when given,
+            the callback builds the optimizer over the trainable parameters instead of the module's
+            ``configure_optimizers``.
+        lr_scheduler: optional factory ``optimizer -> LRScheduler`` (or a Lightning scheduler dict),
+            used with ``optimizer``.
+
+    Injection happens in ``setup``, or right after ``configure_model`` when the module builds its
+    layers there, so it always precedes checkpoint loading, the DDP/FSDP wrap and the optimizer.
+    Checkpoints keep only adapter (and ``modules_to_save``) tensors plus the config under
+    ``"lora_config"``, also for ``save_weights_only``. Loading stays strict for adapter tensors and
+    tolerates the absent base weights. Whatever the module's optimizer was given, it ends up holding
+    only trainable parameters.
+    """
+
+    def __init__(
+        self,
+        config: LoRAConfig | None = None,
+        optimizer: Callable[[list[nn.Parameter]], Optimizer] | None = None,
+        lr_scheduler: Callable[[Optimizer], Any] | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, LoRAConfig):
+            raise TypeError(
+                f"LoRAFinetuneCallback(config=...) must be a LoRAConfig or None, got {type(config).__name__}"
+            )
+        if lr_scheduler is not None and optimizer is None:
+            raise ValueError("LoRAFinetuneCallback(lr_scheduler=...) needs optimizer=... too")
+        self.config = config
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self._patched: dict[str, Any] = {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if type(trainer.strategy).__name__.startswith("DeepSpeed"):
+            raise RuntimeError("LoRAFinetuneCallback does not support DeepSpeed; use DDP or FSDP")
+        if is_overridden("configure_model", pl_module):
+            self._patch(pl_module, "configure_model", self._inject_after)
+        else:
+            self._prepare(pl_module)
+        if self.optimizer is not None:
+            build = functools.partial(self._configure_optimizers, pl_module)
+            self._patch(pl_module, "configure_optimizers", lambda _: build)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        keep_only_trainable_params(trainer.optimizers, pl_module)
+        summary = param_summary(pl_module)
+        rank_zero_info(f"LoRAFinetuneCallback: {summary}")
+        for logger in trainer.loggers:
+            logger.log_hyperparams(
+                {
+                    "params/trainable": summary.trainable,
+                    "params/total": summary.total,
+                    "params/adapter": summary.adapter,
+                }
+            )
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if self.config is not None and saved is not None and LoRAConfig.from_dict(saved) != self.config:
+            raise ValueError(
+                f"the checkpoint was trained with {LoRAConfig.from_dict(saved)}, this callback has {self.config}; "
+                "resume with the same LoRAConfig"
+            )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for name in self._patched:
+            delattr(pl_module, name)  # the class's own method shows through again
+        self._patched.clear()
+
+    def _prepare(self, pl_module: pl.LightningModule) -> None:
+        """Inject (unless the module already has adapters), freeze the base, relax loading for base keys."""
+        has_adapters = next(lora_layers(pl_module), None) is not None
+        if not has_adapters:
+            if self.config is None:
+                raise ValueError("LoRAFinetuneCallback(config=None) needs a module that already has LoRA layers")
+            rank_zero_info(f"LoRAFinetuneCallback: {inject_lora(pl_module, self.config)}")
+        else:
+            mark_only_adapters_trainable(pl_module)
+        make_checkpoints_adapter_only(pl_module, self.config)
+
+    def _inject_after(self, original: Callable[[], None]) -> Callable[[], None]:
+        def configure_model() -> None:
+            original()
+            self._prepare(original.__self__)  # type: ignore[attr-defined]
+
+        return configure_model
+
+    def _configure_optimizers(self, pl_module: pl.LightningModule) -> Any:
+        assert self.optimizer is not None
+        optimizer = self.optimizer([p for p in pl_module.parameters() if p.requires_grad])
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+    def _patch(self, module: nn.Module, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:
+        """Shadow ``module.name`` with ``make(original_bound_method)`` until teardown."""
+        if name not in self._patched:
+            self._patched[name] = _shadow_method(module, name, make)
+
+
+def make_checkpoints_adapter_only(module: pl.LightningModule, config: LoRAConfig | None) -> None:
+    """From now on, every checkpoint of ``module`` (full or ``weights_only``) keeps only adapter and
+    ``modules_to_save`` tensors plus ``config``; loading one tolerates the absent base weights but still
+    fails strictly on missing adapter tensors. Lightning calls the module's ``on_save_checkpoint`` for
+    every checkpoint, unlike callback hooks, which ``weights_only`` saves skip."""
+    if getattr(module, "_lora_checkpoints", False):
+        return
+    module._lora_checkpoints = True
+    module.register_load_state_dict_post_hook(_tolerate_missing_base_keys)
+
+    def prune_after(original: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            original(checkpoint)
+            keep = adapter_state_dict(module).keys()
+            if keep:  # after merge_lora/unload_lora the module is a plain model again
+                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+                if config is not None:
+                    checkpoint[CHECKPOINT_KEY] = config.to_dict()
+
+        return on_save_checkpoint
+
+    _shadow_method(module, "on_save_checkpoint", prune_after)
+
+
+def _shadow_method(module: nn.Module, name: str, make: Callable[[Any], Callable[..., Any]]) -> Any:
+    """Set an instance attribute ``name`` that wraps the bound method; ``delattr`` undoes it."""
+    original = getattr(module, name)
+    object.__setattr__(module, name, functools.update_wrapper(make(original), original))
+    return original
+
+
+def keep_only_trainable_params(optimizers: list[Optimizer], model: nn.Module) -> None:
+    """Drop frozen parameters from every param group in place (groups stay, so LR schedulers still line up)."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) in trainable]
+    held = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    if optimizers and not held:
+        raise ValueError(
+            "the optimizer from configure_optimizers holds none of the LoRA parameters; pass "
+            "self.parameters() to it, or give LoRAFinetuneCallback(optimizer=...) a factory"
+        )
+    if optimizers and trainable - held:
+        rank_zero_warn(f"{len(trainable - held)} trainable LoRA parameters are in no optimizer and will not train")
+
+
+def _tolerate_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
+    """``load_state_dict`` post-hook: an adapter-only checkpoint lacks the frozen base weights, which is
+    fine; missing adapter tensors stay in ``missing_keys`` and still fail a strict load."""
+    required = adapter_state_dict(module).keys()
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k in required]

@@ -1,0 +1,114 @@
+"""`LoRAConfig`: the single source of truth for a LoRA fine-tune's hyperparameters."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoRAConfig:
+    """Hyperparameters of the low-rank update ``W x + scaling * B A x``.
+
+    Args:
+        r: rank of the update (``A`` is ``[r, in]``, ``B`` is ``[out, r]``).
+        alpha: scale numerator; ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout probability on the adapter's input, in ``[0, 1)``.
+        target_modules: which layers get adapters: a list of exact module names or dotted suffixes
+            (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), a regular expression matched
+            against the full module name, or ``"all-linear"`` (every ``nn.Linear`` except the output head).
+        exclude_modules: layers never adapted, in the same forms as ``target_modules``.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+        modules_to_save: modules trained in full beside the adapters (e.g. a new classifier head),
+            given as names or dotted suffixes; saved with the adapter.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = ALL_LINEAR
+    exclude_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.target_modules = _as_names(self.target_modules)
+        self.exclude_modules = None if self.exclude_modules is None else _as_names(self.exclude_modules)
+        self.modules_to_save = None if self.modules_to_save is None else _as_names(self.modules_to_save)
+        problems = list(self._problems())
+        if problems:
+            raise ValueError("invalid LoRAConfig:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoRAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LoRAConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def _problems(self) -> Iterable[str]:
+        if not _is_int(self.r) or self.r <= 0:
+            yield f"r={self.r!r}: the rank must be a positive int, e.g. r=8"
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            yield f"alpha={self.alpha!r}: must be a positive finite number, e.g. alpha=16 (2 * r is common)"
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            yield f"dropout={self.dropout!r}: must be a number in [0, 1), e.g. dropout=0.05"
+        if not isinstance(self.use_rslora, bool):
+            yield f"use_rslora={self.use_rslora!r}: must be True or False"
+        for field_name in ("target_modules", "exclude_modules", "modules_to_save"):
+            yield from _name_problems(field_name, getattr(self, field_name))
+        if isinstance(self.modules_to_save, str):
+            yield f"modules_to_save={self.modules_to_save!r}: must be a list of module names, e.g. ['classifier']"
+        if self.exclude_modules == ALL_LINEAR:
+            yield "exclude_modules='all-linear' would exclude every layer; list the layers to skip instead"
+
+
+def _as_names(value: Any) -> Any:
+    """Turn any non-string sequence of names (tuple, OmegaConf ListConfig) into a plain list."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        return value
+    return list(value)
+
+
+def _name_problems(field_name: str, value: Any) -> Iterable[str]:
+    if value is None:
+        if field_name == "target_modules":
+            yield "target_modules=None: give layer names, a regex or 'all-linear'"
+        return
+    if isinstance(value, str):
+        if not value:
+            yield f"{field_name}='': give layer names, a regex or 'all-linear'"
+        elif value != ALL_LINEAR:
+            try:
+                re.compile(value)
+            except re.error as err:
+                yield f"{field_name}={value!r}: not a valid regular expression ({err})"
+        return
+    if not isinstance(value, list) or not value:
+        alternatives = "or a regex string" if field_name == "target_modules" else "a regex string, or None"
+        yield f"{field_name}={value!r}: must be a non-empty list of module names, {alternatives}"
+        return
+    bad = [v for v in value if not isinstance(v, str) or not v]
+    if bad:
+        yield f"{field_name}={value!r}: entries must be non-empty strings, got {bad!r}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

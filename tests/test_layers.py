@@ -1,0 +1,93 @@
+import pytest
+import torch
+from torch import nn
+
+from lora_lightning import LoRALinear
+
+
+def make_layer(dtype=torch.float32, **kwargs) -> LoRALinear:
+    torch.manual_seed(0)
+    return LoRALinear(nn.Linear(12, 20, dtype=dtype), r=kwargs.pop("r", 4), alpha=kwargs.pop("alpha", 8), **kwargs)
+
+
+def test_wraps_base_without_copying_and_starts_as_the_identity_update():
+    base = nn.Linear(12, 20)
+    x = torch.randn(3, 5, 12)
+    expected = base(x)
+    layer = LoRALinear(base, r=4, alpha=8)
+    assert layer.base_layer is base and layer.base_layer.weight is base.weight
+    assert torch.equal(layer(x), expected)  # B = 0: bit for bit
+    assert torch.count_nonzero(layer.lora_A.weight) > 0 and torch.count_nonzero(layer.lora_B.weight) == 0
+    assert layer.lora_A.weight.shape == (4, 12) and layer.lora_B.weight.shape == (20, 4)
+
+
+def test_forward_is_base_plus_scaled_low_rank_update():
+    layer = make_layer()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(7, 12)
+    expected = x @ layer.base_layer.weight.T + layer.base_layer.bias
+    expected = expected + 2.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_rslora_scaling():
+    assert make_layer(r=16, alpha=8, use_rslora=True).scaling == pytest.approx(2.0)
+
+
+def test_gradients_reach_only_the_adapters_when_base_is_frozen():
+    layer = make_layer()
+    layer.base_layer.requires_grad_(False)
+    nn.init.normal_(layer.lora_B.weight)
+    layer(torch.randn(4, 12)).sum().backward()
+    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+    assert layer.base_layer.weight.grad is None
+
+
+def test_dropout_only_on_the_adapter_branch():
+    layer = make_layer(dropout=0.5)
+    x = torch.randn(64, 12)
+    layer.train()
+    assert torch.equal(layer(x), layer.base_layer(x))  # B = 0, so dropout cannot show
+    nn.init.normal_(layer.lora_B.weight)
+    assert not torch.equal(layer(x), layer(x))
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    assert isinstance(make_layer(dropout=0.0).lora_dropout, nn.Identity)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_adapters_take_the_base_dtype(dtype):
+    layer = make_layer(dtype=dtype)
+    assert layer.lora_A.weight.dtype == dtype and layer.lora_B.weight.dtype == dtype
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_merge_and_unmerge_reproduce_the_unmerged_output(dtype, tolerance):
+    layer = make_layer(dtype=dtype)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    original_weight = layer.base_layer.weight.detach().clone()
+    x = torch.randn(5, 12, dtype=dtype)
+    unmerged = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), unmerged, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(layer.base_layer(x), unmerged, atol=tolerance, rtol=tolerance)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, original_weight, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(layer(x), unmerged, atol=tolerance, rtol=tolerance)
+
+
+def test_merge_twice_and_unmerge_unmerged_raise():
+    layer = make_layer()
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+    layer.merge()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+
+
+def test_builds_on_the_meta_device():
+    with torch.device("meta"):
+        base = nn.Linear(4096, 4096)
+    layer = LoRALinear(base, r=16, alpha=32)
+    assert layer.lora_A.weight.is_meta and layer.lora_B.weight.is_meta
