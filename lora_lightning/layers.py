@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from lora_lightning.functional import lora_linear
+
 
 class LoRALinear(nn.Module):
     """``y = base(x) + scaling * B(A(dropout(x)))`` around an existing ``nn.Linear``.
@@ -52,12 +54,27 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
+            return self.base_layer(x)
+        if self._fused_path_applies(x):
+            base = self.base_layer
+            dropout = self.dropout if self.training else 0.0
+            return lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout)
         update = self.lora_B(self.lora_A(self.lora_dropout(x)))
         # The base output is not saved for backward, so the update can be accumulated in place.
-        return out.add_(update, alpha=self.scaling)
+        return self.base_layer(x).add_(update, alpha=self.scaling)
+
+    def _fused_path_applies(self, x: torch.Tensor) -> bool:
+        """The one-node eager path (see `functional`) needs a plain frozen linear base in x's dtype. Under
+        torch.compile the module path is used instead: Inductor fuses it better than an opaque node."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not base.weight.requires_grad
+            and x.dtype == base.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling()
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32, shaped like the base weight."""

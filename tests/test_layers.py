@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from lora_lightning import LoRALinear
+from lora_lightning.functional import lora_linear
 
 
 def make_layer(dtype=torch.float32, **kwargs) -> LoRALinear:
@@ -91,3 +92,52 @@ def test_builds_on_the_meta_device():
         base = nn.Linear(4096, 4096)
     layer = LoRALinear(base, r=16, alpha=32)
     assert layer.lora_A.weight.is_meta and layer.lora_B.weight.is_meta
+
+
+def fused_inputs(dtype=torch.float64):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=dtype, requires_grad=True)
+    weight, bias = torch.randn(5, 6, dtype=dtype), torch.randn(5, dtype=dtype)
+    lora_a = torch.randn(2, 6, dtype=dtype, requires_grad=True)
+    lora_b = torch.randn(5, 2, dtype=dtype, requires_grad=True)
+    return x, weight, bias, lora_a, lora_b
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_function_gradients_match_finite_differences(dropout):
+    x, weight, bias, lora_a, lora_b = fused_inputs()
+
+    def apply(x, lora_a, lora_b):
+        return lora_linear(x, weight, bias, lora_a, lora_b, 1.5, dropout, seed=1234)
+
+    assert torch.autograd.gradcheck(apply, (x, lora_a, lora_b))
+
+
+def test_fused_path_equals_the_module_path():
+    layer = make_layer(dtype=torch.float64)
+    layer.base_layer.requires_grad_(False)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 3, 12, dtype=torch.float64, requires_grad=True)
+    assert layer._fused_path_applies(x)
+    fused = layer(x)
+    fused.square().sum().backward()
+    fused_grads = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+        t.grad = None
+    reference = layer.base_layer(x) + layer.scaling * layer.lora_B(layer.lora_A(x))
+    reference.square().sum().backward()
+    torch.testing.assert_close(fused, reference)
+    for got, want in zip(fused_grads, (x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_dropout_masks_the_adapter_input_and_matches_nn_dropout_statistics():
+    x, weight, bias, lora_a, lora_b = fused_inputs()
+    kept = lora_linear(x, weight, bias, lora_a, lora_b, 1.0, 0.5, seed=7)
+    again = lora_linear(x, weight, bias, lora_a, lora_b, 1.0, 0.5, seed=7)
+    other = lora_linear(x, weight, bias, lora_a, lora_b, 1.0, 0.5, seed=8)
+    assert torch.equal(kept, again) and not torch.equal(kept, other)
+    ones = torch.ones(20000, 1, dtype=torch.float64)
+    dropped = lora_linear(ones, torch.zeros(1, 1, dtype=torch.float64), None, ones[:1].T[:, :1], ones[:1], 1.0, 0.25)
+    assert set(dropped.unique().tolist()) <= {0.0, 1 / 0.75}
+    assert dropped.mean().item() == pytest.approx(1.0, abs=0.03)
