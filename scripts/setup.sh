@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install lora-lightning with everything the main job and the tests need.
+# Torch is pinned to the CPU build first so that nothing pulls a multi-GB CUDA build; on a GPU machine,
+# install the torch you want before running this (or set LORA_LIGHTNING_TORCH to its requirement).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "${LORA_LIGHTNING_TORCH:-torch==2.13.0}"
+.venv/bin/python -m pip install -q -e ".[dev]"
