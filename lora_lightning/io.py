@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from lora_lightning.params import (
     adapter_state_dict,
     lora_layers,
     mark_only_adapters_trainable,
+    mark_trained_in_full,
     param_summary,
     trained_in_full_modules,
 )
@@ -35,6 +35,7 @@ from lora_lightning.params import (
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
 _LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 
 
@@ -59,6 +60,12 @@ def save_adapter(
         raise FileExistsError(f"save_adapter: {str(path)!r} already exists; pass overwrite=True to replace it")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"save_adapter: {str(path)!r} is a file, not an adapter folder")
+    foreign = sorted(f.name for f in path.iterdir() if f.name not in ADAPTER_FILES) if path.exists() else []
+    if foreign:
+        raise FileExistsError(
+            f"save_adapter: {str(path)!r} holds other files {foreign[:5]}; overwrite=True replaces the whole "
+            "folder, so it only replaces adapter folders; choose an empty or new path"
+        )
     config = _peft_config(model, layers, base_model_name_or_path)
     tensors = {PEFT_PREFIX + _peft_name(k): t.contiguous().cpu() for k, t in adapter_state_dict(model).items()}
 
@@ -100,6 +107,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, trainable: b
         state = model.state_dict(keep_vars=True)
         for key, tensor in extra.items():
             state[extra_keys[key]].copy_(tensor)
+    for name in saved:  # also when the LoRA layers already existed, so a later save keeps them
+        mark_trained_in_full(model.get_submodule(names[name]))
     if trainable:
         mark_only_adapters_trainable(model)
     else:
@@ -109,7 +118,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, trainable: b
 
 def _peft_name(name: str) -> str:
     """Module/tensor name as PEFT sees it: without torch.compile's ``_orig_mod.`` segments."""
-    return name.replace("_orig_mod.", "").replace("._orig_mod", "")
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def _peft_config(model: nn.Module, layers: list[tuple[str, Any]], base_model_name_or_path: str | None) -> dict:
@@ -229,7 +238,7 @@ def _check_fit(
 ) -> dict[str, str]:
     """Every tensor must have a place of the right type and shape in the model; all mismatches are
     reported at once. Returns the model's state-dict key for each ``modules_to_save`` tensor."""
-    r, alpha = peft["r"], peft["lora_alpha"]
+    r, alpha, use_rslora = peft["r"], peft["lora_alpha"], bool(peft.get("use_rslora"))
     problems = []
     existing = {_peft_name(n): layer for n, layer in lora_layers(model)}
     if existing and set(existing) != set(lora):
@@ -239,11 +248,14 @@ def _check_fit(
         )
     for name, pair in sorted(lora.items()):
         layer = existing.get(name) or (model.get_submodule(names[name]) if name in names else None)
+        if isinstance(layer, LoRALinear) and layer.merged:
+            problems.append(f"{name}: the model's LoRA layer is merged; unmerge() it or unload_lora(model) first")
         if set(pair) != {"A", "B"}:
             problems.append(f"{name}: only lora_{''.join(pair)} present; both lora_A and lora_B are needed")
-        elif isinstance(layer, LoRALinear) and (layer.r, layer.alpha) != (r, alpha):
+        elif isinstance(layer, LoRALinear) and (layer.r, layer.alpha, layer.use_rslora) != (r, alpha, use_rslora):
             problems.append(
-                f"{name}: the model's layer has r={layer.r}, alpha={layer.alpha}; the file r={r}, alpha={alpha}"
+                f"{name}: the model's layer has r={layer.r}, alpha={layer.alpha}, use_rslora={layer.use_rslora}; "
+                f"the file r={r}, alpha={alpha}, use_rslora={use_rslora}"
             )
         elif not isinstance(layer, (nn.Linear, LoRALinear)):
             kind = "no such module" if layer is None else f"a {type(layer).__name__}, not nn.Linear"
@@ -254,16 +266,18 @@ def _check_fit(
                     problems.append(
                         f"{name}.lora_{part}: shape {tuple(pair[part].shape)} in the file, the model needs {shape}"
                     )
-    unmatched = [s for s in peft["modules_to_save"] or [] if not any(matches(p, [s]) for p in saved)]
-    if unmatched:
-        problems.append(f"modules_to_save {unmatched} match no module of the model")
+    # An entry matching no module is fine, as in PEFT (its SEQ_CLS task lists ["classifier", "score"] and a
+    # model has one of them); every tensor of the file must still find its module, checked here:
     state = model.state_dict()
     keys = {}
     for key, tensor in sorted(extra.items()):
         owner = next((p for p in saved if key.startswith(p + ".")), None)
         model_key = names[owner] + key[len(owner) :] if owner else None
         if owner is None:
-            problems.append(f"{key}: neither a LoRA tensor nor part of modules_to_save={peft['modules_to_save']}")
+            problems.append(
+                f"{key}: neither a LoRA tensor nor a tensor of a module of the model that "
+                f"modules_to_save={peft['modules_to_save']} names"
+            )
         elif model_key not in state:
             problems.append(f"{key}: no such tensor in the model")
         elif tuple(state[model_key].shape) != tuple(tensor.shape):
@@ -281,7 +295,8 @@ def _check_fit(
 def _write_folder_atomically(path: Path, write: Any) -> None:
     """Build the folder next to ``path`` and swap it in, so readers see the old or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    staging = path.parent / f".{path.name}.tmp-{os.urandom(6).hex()}"
+    staging.mkdir()  # not tempfile.mkdtemp: its folders are always 0700, this one honours the umask
     try:
         write(staging)
         for file in staging.iterdir():
