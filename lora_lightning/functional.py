@@ -2,10 +2,11 @@
 
 ``y = x W^T + b + s * (d(x) A^T) B^T`` where ``d`` is dropout. Autograd over separate modules would
 keep ``d(x)`` as well as ``x`` alive, write the update into a new tensor, and sum two input gradients.
-This node saves only ``x`` and the small ``h = d(x) A^T`` (``[tokens, r]``), regenerates the dropout
-mask in backward from a saved seed, accumulates the update into the base output in place, and adds
-the adapter's input gradient into the base's with one ``addmm_``. Backward:
+This node saves only ``x`` and the small ``h = d(x) A^T`` (``[tokens, r]``), accumulates the update into
+the base output in place, and adds the adapter's input gradient into the base's. Backward:
 ``gB = s * g^T h``, ``gh = s * g B``, ``gA = gh^T d(x)``, ``gx = g W + d'(gh A)``.
+The dropout mask is not stored: backward replays the same fused dropout kernel on the same ``x`` from
+the generator state saved in forward, then puts the generator back where it was.
 """
 
 from __future__ import annotations
@@ -24,19 +25,26 @@ def lora_linear(
     lora_b: torch.Tensor,
     scaling: float,
     dropout: float,
-    seed: int | None = None,
 ) -> torch.Tensor:
-    """Apply the fused LoRA linear map; ``seed`` fixes the dropout mask (drawn from torch's CPU RNG if None)."""
-    if dropout and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    return _LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout, seed)
+    """Apply the fused LoRA linear map (CPU or CUDA tensors); dropout draws from the device's default generator."""
+    return _LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout)
 
 
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device=x.device)
-    generator.manual_seed(seed)
-    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
-    return keep.mul_(x).div_(1.0 - p)
+def _generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def _replay_dropout(x: torch.Tensor, p: float, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``native_dropout(x, p)`` as it ran when the generator had ``state``; the generator is left untouched."""
+    generator = _generator(x.device)
+    current = generator.get_state()
+    generator.set_state(state)
+    try:
+        return torch.native_dropout(x, p, True)
+    finally:
+        generator.set_state(current)
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -50,14 +58,17 @@ class _LoRALinearFunction(torch.autograd.Function):
         lora_b: torch.Tensor,
         scaling: float,
         dropout: float,
-        seed: int | None,
     ) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         out = F.linear(flat, weight, bias)
-        h = (_dropped(flat, dropout, seed) if dropout else flat) @ lora_a.t()
+        if dropout:
+            ctx.rng_state = _generator(x.device).get_state()
+            h = torch.native_dropout(flat, dropout, True)[0] @ lora_a.t()
+        else:
+            h = flat @ lora_a.t()
         out.addmm_(h, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h)
-        ctx.scaling, ctx.dropout, ctx.seed = scaling, dropout, seed
+        ctx.scaling, ctx.dropout = scaling, dropout
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -68,14 +79,16 @@ class _LoRALinearFunction(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])
         grad_b = torch.mm(g.t(), h).mul_(ctx.scaling) if needs_b else None
         gh = torch.mm(g, lora_b).mul_(ctx.scaling)
-        grad_a = grad_x = None
-        if needs_a:
-            grad_a = torch.mm(gh.t(), _dropped(flat, ctx.dropout, ctx.seed) if ctx.dropout else flat)
+        dropped, keep = _replay_dropout(flat, ctx.dropout, ctx.rng_state) if ctx.dropout else (flat, None)
+        grad_a = torch.mm(gh.t(), dropped) if needs_a else None
+        grad_x = None
         if needs_x:
             grad_x = torch.mm(g, weight)
-            if ctx.dropout:
-                grad_x.add_(_dropped(torch.mm(gh, lora_a), ctx.dropout, ctx.seed))
-            else:
+            if keep is None:
                 grad_x.addmm_(gh, lora_a)
+            else:
+                grad_x.add_(
+                    torch.ops.aten.native_dropout_backward(torch.mm(gh, lora_a), keep, 1.0 / (1.0 - ctx.dropout))
+                )
             grad_x = grad_x.view(x.shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None

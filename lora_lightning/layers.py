@@ -73,6 +73,7 @@ class LoRALinear(nn.Module):
             and not base.weight.requires_grad
             and x.dtype == base.weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
+            and x.device.type in ("cpu", "cuda")
             and not torch.compiler.is_compiling()
         )
 
