@@ -1,6 +1,7 @@
 """lora-lightning: LoRA fine-tuning as a PyTorch Lightning callback, with adapters in PEFT's format."""
 
 from lora_lightning.callback import LoRAFinetuneCallback
+from lora_lightning.checkpoint_io import SafeCheckpointIO
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import InjectionReport, TargetError, find_targets, inject_lora, merge_lora, unload_lora
 from lora_lightning.io import AdapterFormatError, load_adapter, save_adapter
@@ -20,6 +21,7 @@ __all__ = [
     "LoRAFinetuneCallback",
     "LoRALinear",
     "ParamSummary",
+    "SafeCheckpointIO",
     "TargetError",
     "adapter_parameters",
     "adapter_state_dict",

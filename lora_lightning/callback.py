@@ -8,12 +8,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lora_lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint_dirs_writable
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import inject_lora
 from lora_lightning.params import adapter_state_dict, lora_layers, mark_only_adapters_trainable, param_summary
@@ -49,10 +51,20 @@ class LoRAFinetuneCallback(Callback):
     ) -> None:
         if config is not None and not isinstance(config, LoRAConfig):
             raise TypeError(
-                f"LoRAFinetuneCallback(config=...) must be a LoRAConfig or None, got {type(config).__name__}"
+                f"LoRAFinetuneCallback(config=...) must be a LoRAConfig or None, got {type(config).__name__}; "
+                "build one with LoRAConfig(r=8, ...) or LoRAConfig.from_dict(values)"
             )
         if lr_scheduler is not None and optimizer is None:
             raise ValueError("LoRAFinetuneCallback(lr_scheduler=...) needs optimizer=... too")
+        for name, factory, called_with, example in (
+            ("optimizer", optimizer, "the trainable parameters", "torch.optim.AdamW, lr=1e-4"),
+            ("lr_scheduler", lr_scheduler, "the optimizer", "torch.optim.lr_scheduler.StepLR, step_size=1"),
+        ):
+            if factory is not None and not callable(factory):
+                raise TypeError(
+                    f"LoRAFinetuneCallback({name}=...) must be a factory called with {called_with}, got "
+                    f"{type(factory).__name__}; e.g. functools.partial({example}) or a Hydra _partial_ node"
+                )
         self.config = config
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -62,6 +74,8 @@ class LoRAFinetuneCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if type(trainer.strategy).__name__.startswith("DeepSpeed"):
             raise RuntimeError("LoRAFinetuneCallback does not support DeepSpeed; use DDP or FSDP")
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a custom one
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
         if is_overridden("configure_model", pl_module):
             self._patch(pl_module, "configure_model", self._inject_after)
         else:
@@ -73,6 +87,8 @@ class LoRAFinetuneCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         keep_only_trainable_params(trainer.optimizers, pl_module)
+        if trainer.is_global_zero:
+            check_checkpoint_dirs_writable(trainer)
         summary = param_summary(pl_module)
         rank_zero_info(f"LoRAFinetuneCallback: {summary}")
         for logger in trainer.loggers:
@@ -109,6 +125,7 @@ class LoRAFinetuneCallback(Callback):
                 raise ValueError("LoRAFinetuneCallback(config=None) needs a module that already has LoRA layers")
             rank_zero_info(f"LoRAFinetuneCallback: {inject_lora(pl_module, self.config)}")
         else:
+            _check_existing_adapters(pl_module, self.config)
             mark_only_adapters_trainable(pl_module)
         make_checkpoints_adapter_only(pl_module, self.config)
 
@@ -130,6 +147,21 @@ class LoRAFinetuneCallback(Callback):
         """Shadow ``module.name`` with ``make(original_bound_method)`` until teardown."""
         if name not in self._patched:
             self._patched[name] = _shadow_method(module, name, make)
+
+
+def _check_existing_adapters(module: nn.Module, config: LoRAConfig | None) -> None:
+    """A module that already has adapters (a second fit, or ``load_adapter``) trains them as they are; a config
+    that disagrees with them would be silently ignored, so it is refused."""
+    if config is None:
+        return
+    found = {(layer.r, layer.alpha, layer.dropout, layer.use_rslora) for _, layer in lora_layers(module)}
+    wanted = (config.r, config.alpha, config.dropout, config.use_rslora)
+    if found != {wanted}:
+        raise ValueError(
+            f"the module already has LoRA layers with (r, alpha, dropout, use_rslora) {sorted(found)}, but "
+            f"LoRAFinetuneCallback(config=...) asks for {wanted}; pass config=None to train the existing adapters, "
+            "or unload_lora(model) first to inject new ones"
+        )
 
 
 def make_checkpoints_adapter_only(module: pl.LightningModule, config: LoRAConfig | None) -> None:

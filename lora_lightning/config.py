@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -53,16 +54,20 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoRAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        known = sorted(f.name for f in fields(cls))
+        if not isinstance(values, Mapping):
+            raise TypeError(f"LoRAConfig.from_dict expects a mapping of field names to values, got {values!r}")
+        unknown = sorted(set(values) - set(known), key=str)
         if unknown:
-            raise ValueError(f"unknown LoRAConfig field(s) {unknown}; known fields: {sorted(known)}")
+            hints = [f"{_suggest(u, known)!r} for {u!r}" for u in unknown if _suggest(u, known)]
+            meant = f"; did you mean {', '.join(hints)}?" if hints else ""
+            raise ValueError(f"unknown LoRAConfig field(s) {unknown}{meant}; known fields: {known}")
         return cls(**values)
 
     def _problems(self) -> Iterable[str]:
         if not _is_int(self.r) or self.r <= 0:
             yield f"r={self.r!r}: the rank must be a positive int, e.g. r=8"
-        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if not _is_positive_finite(self.alpha):
             yield f"alpha={self.alpha!r}: must be a positive finite number, e.g. alpha=16 (2 * r is common)"
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             yield f"dropout={self.dropout!r}: must be a number in [0, 1), e.g. dropout=0.05"
@@ -74,6 +79,19 @@ class LoRAConfig:
             yield f"modules_to_save={self.modules_to_save!r}: must be a list of module names, e.g. ['classifier']"
         if self.exclude_modules == ALL_LINEAR:
             yield "exclude_modules='all-linear' would exclude every layer; list the layers to skip instead"
+
+
+# PEFT's names for our fields: the likeliest "mistyped key" from anyone who knows PEFT's LoraConfig.
+_PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r"}
+
+
+def _suggest(name: Any, known: list[str]) -> str | None:
+    if not isinstance(name, str):
+        return None
+    if name in _PEFT_NAMES:
+        return _PEFT_NAMES[name]
+    close = difflib.get_close_matches(name, known, n=1)
+    return close[0] if close else None
 
 
 def _as_names(value: Any) -> Any:
@@ -112,3 +130,11 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_finite(value: Any) -> bool:
+    """A positive number that is finite as a float (an int too large for a float is not: 10**400)."""
+    try:
+        return _is_number(value) and 0 < float(value) < math.inf
+    except OverflowError:
+        return False

@@ -89,6 +89,13 @@ def matches(name: str, pattern: list[str] | str) -> bool:
 
 
 def _plan(model: nn.Module, config: LoRAConfig) -> _Plan:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; pass the model object itself")
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(
+            f"config must be a LoRAConfig, got {type(config).__name__}; build one with LoRAConfig(r=8, ...) "
+            "or LoRAConfig.from_dict(values)"
+        )
     existing = [name for name, _ in lora_layers(model)]
     if existing:
         raise TargetError(
@@ -115,10 +122,12 @@ def _plan(model: nn.Module, config: LoRAConfig) -> _Plan:
     if config.exclude_modules:
         excluded = set(_select(modules, config.exclude_modules, "exclude_modules", problems))
         targets = [n for n in targets if n not in excluded]
+    in_saved = [n for n in targets if n in inside_saved]
     targets = [n for n in targets if n not in inside_saved]
 
     if not targets and not problems:
-        problems.append(f"target_modules={config.target_modules!r} leaves no layer to adapt")
+        why = f" (modules_to_save={saved} holds {in_saved}, which are trained in full instead)" if in_saved else ""
+        problems.append(f"target_modules={config.target_modules!r} leaves no layer to adapt{why}")
     for name in targets:
         module = modules[name]
         if isinstance(module, nn.Linear) and config.r > min(module.in_features, module.out_features):

@@ -7,6 +7,7 @@ JSON and safetensors only. Writes go to a temporary folder that replaces the tar
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -20,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_lightning.config import LoRAConfig
-from lora_lightning.inject import InjectionReport, inject_lora, matches
+from lora_lightning.config import LoRAConfig, _is_positive_finite
+from lora_lightning.inject import InjectionReport, find_targets, inject_lora, matches
 from lora_lightning.layers import LoRALinear
 from lora_lightning.params import (
     adapter_state_dict,
@@ -60,6 +61,9 @@ def save_adapter(
         raise FileExistsError(f"save_adapter: {str(path)!r} already exists; pass overwrite=True to replace it")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"save_adapter: {str(path)!r} is a file, not an adapter folder")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"save_adapter: cannot write {str(path)!r}: {str(blocker)!r} is a file, not a folder")
     foreign = sorted(f.name for f in path.iterdir() if f.name not in ADAPTER_FILES) if path.exists() else []
     if foreign:
         raise FileExistsError(
@@ -73,7 +77,10 @@ def save_adapter(
         save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    _write_folder_atomically(path, write)
+    try:
+        _write_folder_atomically(path, write)
+    except OSError as err:
+        raise type(err)(f"save_adapter: cannot write {str(path)!r}: {err}; choose a writable folder") from err
     return path
 
 
@@ -90,14 +97,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, trainable: b
 
     targets = [names[p] for p in sorted(lora)]
     if not list(lora_layers(model)):
-        config = LoRAConfig(
-            r=peft["r"],
-            alpha=peft["lora_alpha"],
-            dropout=peft.get("lora_dropout") or 0.0,
-            target_modules="|".join(re.escape(t) for t in targets),
-            use_rslora=bool(peft.get("use_rslora")),
-            modules_to_save=[names[p] for p in saved] or None,
-        )
+        try:
+            config = LoRAConfig(
+                r=peft["r"],
+                alpha=peft["lora_alpha"],
+                dropout=peft.get("lora_dropout") or 0.0,
+                target_modules="|".join(re.escape(t) for t in targets),
+                use_rslora=bool(peft.get("use_rslora")),
+                modules_to_save=[names[p] for p in saved] or None,
+            )
+            find_targets(model, config)  # e.g. r larger than a layer: refused here, before anything changes
+        except ValueError as err:
+            raise AdapterFormatError(f"load_adapter: the adapter in {str(path)!r} cannot be injected: {err}") from None
         inject_lora(model, config)
     with torch.no_grad():
         for name, pair in lora.items():
@@ -173,7 +184,7 @@ def _adapter_files(path: Path) -> tuple[Path, Path]:
 def _read_peft_config(file: Path) -> dict[str, Any]:
     try:
         peft = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise AdapterFormatError(f"load_adapter: {str(file)!r} is not valid JSON ({err})") from None
     if not isinstance(peft, dict):
         raise AdapterFormatError(f"load_adapter: {str(file)!r} must hold a JSON object")
@@ -183,8 +194,15 @@ def _read_peft_config(file: Path) -> dict[str, Any]:
     r, alpha = peft.get("r"), peft.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         problems.append(f"r={r!r} (must be a positive int)")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        problems.append(f"lora_alpha={alpha!r} (must be a positive number)")
+    if not _is_positive_finite(alpha):
+        problems.append(f"lora_alpha={alpha!r} (must be a positive finite number)")
+    dropout, rslora = peft.get("lora_dropout"), peft.get("use_rslora")
+    if dropout is not None and (
+        not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1
+    ):
+        problems.append(f"lora_dropout={dropout!r} (must be a number in [0, 1))")
+    if rslora is not None and not isinstance(rslora, bool):
+        problems.append(f"use_rslora={rslora!r} (must be true or false)")
     for key, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
         if peft.get(key, plain) not in (plain, None):
             problems.append(f"{key}={peft[key]!r} (not supported yet; only {plain!r})")
@@ -248,6 +266,11 @@ def _check_fit(
         )
     for name, pair in sorted(lora.items()):
         layer = existing.get(name) or (model.get_submodule(names[name]) if name in names else None)
+        owner = next((s for s in saved if name == s or name.startswith(s + ".")), None)
+        if owner is not None:
+            problems.append(
+                f"{name}: has LoRA tensors but is inside modules_to_save entry {owner!r}; it is one or the other"
+            )
         if isinstance(layer, LoRALinear) and layer.merged:
             problems.append(f"{name}: the model's LoRA layer is merged; unmerge() it or unload_lora(model) first")
         if set(pair) != {"A", "B"}:
@@ -266,6 +289,8 @@ def _check_fit(
                     problems.append(
                         f"{name}.lora_{part}: shape {tuple(pair[part].shape)} in the file, the model needs {shape}"
                     )
+                elif not pair[part].is_floating_point():
+                    problems.append(f"{name}.lora_{part}: dtype {pair[part].dtype} in the file; adapters are floats")
     # An entry matching no module is fine, as in PEFT (its SEQ_CLS task lists ["classifier", "score"] and a
     # model has one of them); every tensor of the file must still find its module, checked here:
     state = model.state_dict()
@@ -284,6 +309,8 @@ def _check_fit(
             problems.append(
                 f"{key}: shape {tuple(tensor.shape)} in the file, the model has {tuple(state[model_key].shape)}"
             )
+        elif tensor.is_floating_point() != state[model_key].is_floating_point() or tensor.is_complex():
+            problems.append(f"{key}: dtype {tensor.dtype} in the file, the model has {state[model_key].dtype}")
         else:
             keys[key] = model_key
     if problems:
@@ -300,16 +327,26 @@ def _write_folder_atomically(path: Path, write: Any) -> None:
     try:
         write(staging)
         for file in staging.iterdir():
-            _fsync(file)
+            fsync_path(file)
         if path.exists():
             _exchange(staging, path)  # staging now holds the old folder
             shutil.rmtree(staging)
         else:
             os.rename(staging, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
+        remove_stale_staging(path)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(path: Path) -> None:
+    """Delete what writers killed mid-save left next to ``path`` (``.<name>.tmp-*``), after a save succeeded."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _exchange(a: Path, b: Path) -> None:
@@ -329,7 +366,7 @@ def _exchange(a: Path, b: Path) -> None:
     os.rename(old, a)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
