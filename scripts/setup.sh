@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "${LORA_LIGHTNING_TORCH:-torch==2.13.0}"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# compat mode: a plain path entry, so Hydra finds the hydra_plugins namespace package
+.venv/bin/python -m pip install -q -e ".[dev]" --config-settings editable_mode=compat
