@@ -87,8 +87,6 @@ class _LoRALinearFunction(torch.autograd.Function):
             if keep is None:
                 grad_x.addmm_(gh, lora_a)
             else:
-                grad_x.add_(
-                    torch.ops.aten.native_dropout_backward(torch.mm(gh, lora_a), keep, 1.0 / (1.0 - ctx.dropout))
-                )
+                grad_x.addcmul_(torch.mm(gh, lora_a), keep, value=1.0 / (1.0 - ctx.dropout))
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_a, grad_b, None, None
