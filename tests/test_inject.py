@@ -176,3 +176,20 @@ def test_injection_on_the_meta_device_allocates_nothing_and_is_fast():
     assert time.perf_counter() - start < 5.0
     assert len(report.targets) == 64
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_injecting_into_an_8b_llama_on_the_meta_device_takes_under_a_second():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    start = time.perf_counter()
+    report = inject_lora(model, LoRAConfig(r=16, alpha=32))
+    elapsed = time.perf_counter() - start
+    assert len(report.targets) == 32 * 7 and "lm_head" not in report.targets
+    assert report.params.adapter == 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert all(p.is_meta for p in model.parameters())  # nothing allocated
+    assert elapsed < 1.0, elapsed
