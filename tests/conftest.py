@@ -62,10 +62,10 @@ def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
-def make_llama(seed: int = 0):
+def tiny_llama_config(**overrides):
+    """A two-layer Llama small enough for CPU tests; ``overrides`` change or add config fields."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    fields = dict(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
@@ -74,6 +74,13 @@ def make_llama(seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+    return transformers.LlamaConfig(**{**fields, **overrides})
+
+
+def make_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    config = tiny_llama_config()
+    torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()
 
 

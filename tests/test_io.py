@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LlamaModule, make_llama, make_mlp, make_trainer, token_data
+from conftest import LlamaModule, make_llama, make_mlp, make_trainer, tiny_llama_config, token_data
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -60,6 +60,15 @@ def adapted_mlp(seed: int = 0, noise_seed: int = 5, **config) -> nn.Sequential:
 def outputs(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(X)
+
+
+def perturb_peft_adapter(model: nn.Module) -> None:
+    """Move a PEFT model's lora_B and modules_to_save tensors off their initial values, reproducibly."""
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save.default" in name:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -309,11 +318,7 @@ def test_load_adapter_reproduces_a_peft_adapter(tmp_path, extra):
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **extra)
     theirs = peft.get_peft_model(make_llama(0), config)
-    generator = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for name, param in theirs.named_parameters():
-            if "lora_B" in name or "modules_to_save.default" in name:
-                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    perturb_peft_adapter(theirs)
     theirs.eval()
     expected = logits(theirs)
     assert (expected - logits(make_llama(0))).abs().max() > 1e-3
@@ -341,27 +346,13 @@ def test_load_adapter_accepts_peft_sequence_classification_adapters(tmp_path):
     transformers = pytest.importorskip("transformers")
 
     def classifier():
+        config = tiny_llama_config(num_labels=3, pad_token_id=0)
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            num_labels=3,
-            pad_token_id=0,
-        )
         return transformers.LlamaForSequenceClassification(config).eval()
 
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
     theirs = peft.get_peft_model(classifier(), config)
-    generator = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for name, param in theirs.named_parameters():
-            if "lora_B" in name or "modules_to_save.default" in name:
-                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    perturb_peft_adapter(theirs)
     theirs.eval()
     expected = logits(theirs)
     theirs.save_pretrained(tmp_path / "peft")
