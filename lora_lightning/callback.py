@@ -68,7 +68,7 @@ class LoRAFinetuneCallback(Callback):
         self.config = config
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self._patched: dict[str, Any] = {}
+        self._patched: set[str] = set()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -146,7 +146,8 @@ class LoRAFinetuneCallback(Callback):
     def _patch(self, module: nn.Module, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:
         """Shadow ``module.name`` with ``make(original_bound_method)`` until teardown."""
         if name not in self._patched:
-            self._patched[name] = _shadow_method(module, name, make)
+            _shadow_method(module, name, make)
+            self._patched.add(name)
 
 
 def _check_existing_adapters(module: nn.Module, config: LoRAConfig | None) -> None:
@@ -154,7 +155,7 @@ def _check_existing_adapters(module: nn.Module, config: LoRAConfig | None) -> No
     that disagrees with them would be silently ignored, so it is refused."""
     if config is None:
         return
-    found = {(layer.r, layer.alpha, layer.dropout, layer.use_rslora) for _, layer in lora_layers(module)}
+    found = {layer.hyperparameters for _, layer in lora_layers(module)}
     wanted = (config.r, config.alpha, config.dropout, config.use_rslora)
     if found != {wanted}:
         raise ValueError(
@@ -188,11 +189,10 @@ def make_checkpoints_adapter_only(module: pl.LightningModule, config: LoRAConfig
     _shadow_method(module, "on_save_checkpoint", prune_after)
 
 
-def _shadow_method(module: nn.Module, name: str, make: Callable[[Any], Callable[..., Any]]) -> Any:
+def _shadow_method(module: nn.Module, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:
     """Set an instance attribute ``name`` that wraps the bound method; ``delattr`` undoes it."""
     original = getattr(module, name)
     object.__setattr__(module, name, functools.update_wrapper(make(original), original))
-    return original
 
 
 def keep_only_trainable_params(optimizers: list[Optimizer], model: nn.Module) -> None:

@@ -133,7 +133,7 @@ def _peft_name(name: str) -> str:
 
 
 def _peft_config(model: nn.Module, layers: list[tuple[str, Any]], base_model_name_or_path: str | None) -> dict:
-    hyper = Counter((layer.r, layer.alpha, layer.dropout, layer.use_rslora) for _, layer in layers)
+    hyper = Counter(layer.hyperparameters for _, layer in layers)
     if len(hyper) > 1:
         raise NotImplementedError(f"save_adapter: layers with different r/alpha/dropout/rslora {sorted(hyper)}")
     (r, alpha, dropout, use_rslora), _ = hyper.most_common(1)[0]

@@ -49,6 +49,11 @@ class LoRALinear(nn.Module):
     def dropout(self) -> float:
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
+    @property
+    def hyperparameters(self) -> tuple[int, float, float, bool]:
+        """``(r, alpha, dropout, use_rslora)``: what must agree for two layers to hold the same kind of adapter."""
+        return self.r, self.alpha, self.dropout, self.use_rslora
+
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
