@@ -1,13 +1,15 @@
 """lora-lightning: LoRA fine-tuning as a PyTorch Lightning callback, with adapters in PEFT's format."""
 
+from lora_lightning.adapters import active_adapter, delete_adapter, disable_adapters, set_active_adapter
 from lora_lightning.callback import LoRAFinetuneCallback
 from lora_lightning.checkpoint_io import SafeCheckpointIO
-from lora_lightning.config import LoRAConfig
+from lora_lightning.config import AdapterSpec, LoRAConfig
 from lora_lightning.inject import InjectionReport, TargetError, find_targets, inject_lora, merge_lora, unload_lora
 from lora_lightning.io import AdapterFormatError, load_adapter, save_adapter
-from lora_lightning.layers import LoRALinear
+from lora_lightning.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
 from lora_lightning.params import (
     ParamSummary,
+    adapter_names,
     adapter_parameters,
     adapter_state_dict,
     mark_only_adapters_trainable,
@@ -16,15 +18,23 @@ from lora_lightning.params import (
 
 __all__ = [
     "AdapterFormatError",
+    "AdapterSpec",
     "InjectionReport",
     "LoRAConfig",
+    "LoRAConv",
+    "LoRAEmbedding",
     "LoRAFinetuneCallback",
+    "LoRALayer",
     "LoRALinear",
     "ParamSummary",
     "SafeCheckpointIO",
     "TargetError",
+    "active_adapter",
+    "adapter_names",
     "adapter_parameters",
     "adapter_state_dict",
+    "delete_adapter",
+    "disable_adapters",
     "find_targets",
     "inject_lora",
     "load_adapter",
@@ -32,5 +42,6 @@ __all__ = [
     "merge_lora",
     "param_summary",
     "save_adapter",
+    "set_active_adapter",
     "unload_lora",
 ]

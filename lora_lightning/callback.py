@@ -15,10 +15,18 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lora_lightning.adapters import set_active_adapter
 from lora_lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint_dirs_writable
-from lora_lightning.config import LoRAConfig
+from lora_lightning.config import LoRAConfig, _is_positive_finite
 from lora_lightning.inject import inject_lora
-from lora_lightning.params import adapter_state_dict, lora_layers, mark_only_adapters_trainable, param_summary
+from lora_lightning.names import canonical_name
+from lora_lightning.params import (
+    adapter_names,
+    adapter_state_dict,
+    lora_layers,
+    mark_only_adapters_trainable,
+    param_summary,
+)
 
 CHECKPOINT_KEY = "lora_config"
 
@@ -34,6 +42,10 @@ class LoRAFinetuneCallback(Callback):
             ``configure_optimizers``.
         lr_scheduler: optional factory ``optimizer -> LRScheduler`` (or a Lightning scheduler dict),
             used with ``optimizer``.
+        adapter_name: the adapter to inject (or, with ``config=None``, the existing one) and train; the
+            module's other adapters stay frozen.
+        loraplus_lr_ratio: LoRA+: the ``B`` matrices learn at ``ratio`` times the learning rate of the rest
+            (a separate param group); needs ``optimizer``. The LoRA+ paper suggests 2 to 16.
 
     Injection happens in ``setup``, or right after ``configure_model`` when the module builds its
     layers there, so it always precedes checkpoint loading, the DDP/FSDP wrap and the optimizer.
@@ -48,6 +60,8 @@ class LoRAFinetuneCallback(Callback):
         config: LoRAConfig | None = None,
         optimizer: Callable[[list[nn.Parameter]], Optimizer] | None = None,
         lr_scheduler: Callable[[Optimizer], Any] | None = None,
+        adapter_name: str = "default",
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
         if config is not None and not isinstance(config, LoRAConfig):
             raise TypeError(
@@ -56,6 +70,20 @@ class LoRAFinetuneCallback(Callback):
             )
         if lr_scheduler is not None and optimizer is None:
             raise ValueError("LoRAFinetuneCallback(lr_scheduler=...) needs optimizer=... too")
+        if loraplus_lr_ratio is not None:
+            if not _is_positive_finite(loraplus_lr_ratio):
+                raise ValueError(
+                    f"LoRAFinetuneCallback(loraplus_lr_ratio={loraplus_lr_ratio!r}) must be a positive number, e.g. 16"
+                )
+            if optimizer is None:
+                raise ValueError(
+                    "LoRAFinetuneCallback(loraplus_lr_ratio=...) needs optimizer=... (a factory) to build the "
+                    "LoRA+ param groups"
+                )
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(
+                f"LoRAFinetuneCallback(adapter_name={adapter_name!r}) must be a non-empty name without dots"
+            )
         for name, factory, called_with, example in (
             ("optimizer", optimizer, "the trainable parameters", "torch.optim.AdamW, lr=1e-4"),
             ("lr_scheduler", lr_scheduler, "the optimizer", "torch.optim.lr_scheduler.StepLR, step_size=1"),
@@ -68,6 +96,8 @@ class LoRAFinetuneCallback(Callback):
         self.config = config
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        self.adapter_name = adapter_name
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self._patched: set[str] = set()
 
     @override
@@ -119,14 +149,18 @@ class LoRAFinetuneCallback(Callback):
 
     def _prepare(self, pl_module: pl.LightningModule) -> None:
         """Inject (unless the module already has adapters), freeze the base, relax loading for base keys."""
-        has_adapters = next(lora_layers(pl_module), None) is not None
-        if not has_adapters:
+        name = self.adapter_name
+        if next(lora_layers(pl_module, name), None) is None:
             if self.config is None:
-                raise ValueError("LoRAFinetuneCallback(config=None) needs a module that already has LoRA layers")
-            rank_zero_info(f"LoRAFinetuneCallback: {inject_lora(pl_module, self.config)}")
+                raise ValueError(
+                    f"LoRAFinetuneCallback(config=None) needs a module that already has adapter {name!r}; "
+                    f"it has {adapter_names(pl_module)}"
+                )
+            rank_zero_info(f"LoRAFinetuneCallback: {inject_lora(pl_module, self.config, name)}")
         else:
-            _check_existing_adapters(pl_module, self.config)
-            mark_only_adapters_trainable(pl_module)
+            _check_existing_adapters(pl_module, self.config, name)
+            set_active_adapter(pl_module, name)
+            mark_only_adapters_trainable(pl_module, name)
         make_checkpoints_adapter_only(pl_module, self.config)
 
     def _inject_after(self, original: Callable[[], None]) -> Callable[[], None]:
@@ -138,7 +172,11 @@ class LoRAFinetuneCallback(Callback):
 
     def _configure_optimizers(self, pl_module: pl.LightningModule) -> Any:
         assert self.optimizer is not None
-        optimizer = self.optimizer([p for p in pl_module.parameters() if p.requires_grad])
+        trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        if self.loraplus_lr_ratio is None:
+            optimizer = self.optimizer(trainable)
+        else:
+            optimizer = _loraplus_optimizer(self.optimizer, trainable, pl_module, self.loraplus_lr_ratio)
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
@@ -150,26 +188,62 @@ class LoRAFinetuneCallback(Callback):
             self._patched.add(name)
 
 
-def _check_existing_adapters(module: nn.Module, config: LoRAConfig | None) -> None:
-    """A module that already has adapters (a second fit, or ``load_adapter``) trains them as they are; a config
-    that disagrees with them would be silently ignored, so it is refused."""
+def _check_existing_adapters(module: nn.Module, config: LoRAConfig | None, name: str) -> None:
+    """A module that already has the adapter (a second fit, or ``load_adapter``) trains it as it is; a config
+    that disagrees with it would be silently ignored, so it is refused."""
     if config is None:
         return
-    found = {layer.hyperparameters for _, layer in lora_layers(module)}
-    wanted = (config.r, config.alpha, config.dropout, config.use_rslora)
-    if found != {wanted}:
-        raise ValueError(
-            f"the module already has LoRA layers with (r, alpha, dropout, use_rslora) {sorted(found)}, but "
-            f"LoRAFinetuneCallback(config=...) asks for {wanted}; pass config=None to train the existing adapters, "
-            "or unload_lora(model) first to inject new ones"
-        )
+    for layer_name, layer in lora_layers(module, name):
+        found, wanted = layer.spec(name), config.spec_for(canonical_name(layer_name))
+        if found != wanted:
+            raise ValueError(
+                f"the module already has adapter {name!r}, with {found} on {layer_name!r}, but "
+                f"LoRAFinetuneCallback(config=...) asks for {wanted}; pass config=None to train the existing "
+                "adapter, or give the new one another adapter_name"
+            )
+
+
+def _loraplus_optimizer(
+    factory: Callable[[list[Any]], Optimizer], params: list[nn.Parameter], module: nn.Module, ratio: float
+) -> Optimizer:
+    """LoRA+: the factory's optimizer over two param groups, the ``B`` matrices at ``ratio`` times its lr."""
+    b_ids = {id(layer.factors(n)[1]) for _, layer in lora_layers(module) for n in layer.adapter_names}
+    groups = [
+        {"params": [p for p in params if id(p) not in b_ids]},
+        {"params": [p for p in params if id(p) in b_ids]},
+    ]
+    optimizer = factory(groups)
+    optimizer.param_groups[1]["lr"] *= ratio
+    return optimizer
 
 
 def make_checkpoints_adapter_only(module: pl.LightningModule, config: LoRAConfig | None) -> None:
     """From now on, every checkpoint of ``module`` (full or ``weights_only``) keeps only adapter and
     ``modules_to_save`` tensors plus ``config``; loading one tolerates the absent base weights but still
     fails strictly on missing adapter tensors. Lightning calls the module's ``on_save_checkpoint`` for
-    every checkpoint, unlike callback hooks, which ``weights_only`` saves skip."""
+    every checkpoint, unlike callback hooks, which ``weights_only`` saves skip.
+
+    Keys are compared by `canonical_name`: under FSDP1 or activation checkpointing, module names carry
+    wrapper segments that the full state dicts Lightning saves and loads do not. Sharded (distributed)
+    checkpoints are refused: loading one needs every tensor of the model. ``ModelParallelStrategy`` (FSDP2)
+    loads a full checkpoint tensor by tensor, without ``load_state_dict`` post-hooks, so there
+    ``strict_loading`` is turned off and a missing adapter tensor goes unnoticed."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = module._trainer.strategy if module._trainer is not None else None
+    # Both settings are private in Lightning 2.6: FSDPStrategy(state_dict_type=...) and
+    # ModelParallelStrategy(save_distributed_checkpoint=...).
+    if (isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") != "full") or (
+        isinstance(strategy, ModelParallelStrategy) and getattr(strategy, "_save_distributed_checkpoint", False)
+    ):
+        raise ValueError(
+            f"{type(strategy).__name__} is set to save sharded (distributed) checkpoints, which cannot be loaded "
+            "without the base weights that LoRA checkpoints leave out; use FSDPStrategy(state_dict_type='full') "
+            "or ModelParallelStrategy(save_distributed_checkpoint=False): rank 0 then writes the adapter tensors, "
+            "gathered"
+        )
+    if isinstance(strategy, ModelParallelStrategy):
+        module.strict_loading = False
     if getattr(module, "_lora_checkpoints", False):
         return
     module._lora_checkpoints = True
@@ -178,9 +252,10 @@ def make_checkpoints_adapter_only(module: pl.LightningModule, config: LoRAConfig
     def prune_after(original: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
         def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
             original(checkpoint)
-            keep = adapter_state_dict(module).keys()
+            keep = {canonical_name(k) for k in adapter_state_dict(module)}
             if keep:  # after merge_lora/unload_lora the module is a plain model again
-                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+                state = checkpoint["state_dict"]
+                checkpoint["state_dict"] = {k: v for k, v in state.items() if canonical_name(k) in keep}
                 if config is not None:
                     checkpoint[CHECKPOINT_KEY] = config.to_dict()
 
@@ -213,6 +288,7 @@ def keep_only_trainable_params(optimizers: list[Optimizer], model: nn.Module) ->
 
 def _tolerate_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
     """``load_state_dict`` post-hook: an adapter-only checkpoint lacks the frozen base weights, which is
-    fine; missing adapter tensors stay in ``missing_keys`` and still fail a strict load."""
-    required = adapter_state_dict(module).keys()
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k in required]
+    fine; missing adapter tensors stay in ``missing_keys`` and still fail a strict load. Names are compared
+    by `canonical_name` (FSDP1 reports missing keys with wrapper segments)."""
+    required = {canonical_name(k) for k in adapter_state_dict(module)}
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if canonical_name(k) in required]

@@ -10,6 +10,24 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 ALL_LINEAR = "all-linear"
+INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<k>", "olora")
+_INIT = re.compile(r"kaiming|gaussian|pissa|pissa_niter_[1-9][0-9]*|olora")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One layer's adapter hyperparameters, resolved from a `LoRAConfig` (patterns applied)."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "kaiming"
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 @dataclass
@@ -27,6 +45,16 @@ class LoRAConfig:
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         modules_to_save: modules trained in full beside the adapters (e.g. a new classifier head),
             given as names or dotted suffixes; saved with the adapter.
+        use_dora: weight-decomposed LoRA: ``W' = m * (W + s B A) / ||W + s B A||`` with a trainable
+            magnitude ``m`` per output channel, initialised to ``||W||`` so the model is unchanged at step 0.
+        init: how ``A`` and ``B`` start. ``"kaiming"`` (Kaiming-uniform ``A``, zero ``B``) and ``"gaussian"``
+            (``A ~ N(0, 1/r)``, zero ``B``) leave the model unchanged. ``"pissa"`` (exact SVD) or
+            ``"pissa_niter_<k>"`` (randomised SVD, k iterations) start ``B A`` at the top-``r`` singular part
+            of ``W`` and ``"olora"`` at its QR factors; both subtract ``s B A`` from the base weight, so the
+            model is again unchanged. Loading such an adapter repeats the init on the original base first.
+        rank_pattern: per-layer ranks, ``{pattern: r}``; a pattern matches a module name or a dotted suffix of
+            it as a regular expression (PEFT's rule), the first match wins, unmatched layers use ``r``.
+        alpha_pattern: per-layer ``alpha`` in the same form.
     """
 
     r: int = 8
@@ -36,18 +64,35 @@ class LoRAConfig:
     exclude_modules: list[str] | str | None = None
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
+    use_dora: bool = False
+    init: str = "kaiming"
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.target_modules = _as_names(self.target_modules)
         self.exclude_modules = None if self.exclude_modules is None else _as_names(self.exclude_modules)
         self.modules_to_save = None if self.modules_to_save is None else _as_names(self.modules_to_save)
+        self.rank_pattern = _as_dict(self.rank_pattern)
+        self.alpha_pattern = _as_dict(self.alpha_pattern)
         problems = list(self._problems())
         if problems:
             raise ValueError("invalid LoRAConfig:\n  - " + "\n  - ".join(problems))
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return AdapterSpec(self.r, self.alpha, use_rslora=self.use_rslora).scaling
+
+    def spec_for(self, name: str) -> AdapterSpec:
+        """The adapter hyperparameters of the layer called ``name`` (``rank_pattern``/``alpha_pattern`` applied)."""
+        return AdapterSpec(
+            r=_pattern_value(self.rank_pattern, name, self.r),
+            alpha=_pattern_value(self.alpha_pattern, name, self.alpha),
+            dropout=self.dropout,
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            init=self.init,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +122,14 @@ class LoRAConfig:
             yield from _name_problems(field_name, getattr(self, field_name))
         if isinstance(self.modules_to_save, str):
             yield f"modules_to_save={self.modules_to_save!r}: must be a list of module names, e.g. ['classifier']"
+        if not isinstance(self.use_dora, bool):
+            yield f"use_dora={self.use_dora!r}: must be True or False"
+        if not isinstance(self.init, str) or not _INIT.fullmatch(self.init):
+            yield f"init={self.init!r}: must be one of {', '.join(INITS)}"
+        yield from _pattern_problems("rank_pattern", self.rank_pattern, _is_int, "a positive int, e.g. {'q_proj': 16}")
+        yield from _pattern_problems(
+            "alpha_pattern", self.alpha_pattern, _is_number, "a positive finite number, e.g. {'q_proj': 32}"
+        )
         if self.exclude_modules == ALL_LINEAR:
             yield "exclude_modules='all-linear' would exclude every layer; list the layers to skip instead"
 
@@ -99,6 +152,38 @@ def _as_names(value: Any) -> Any:
     if isinstance(value, str) or not isinstance(value, Iterable):
         return value
     return list(value)
+
+
+def _as_dict(value: Any) -> Any:
+    """Turn any mapping (OmegaConf DictConfig) into a plain dict; ``{}`` means no pattern."""
+    if isinstance(value, Mapping):
+        return dict(value) or None
+    return value
+
+
+def _pattern_value(pattern: dict[str, Any] | None, name: str, default: Any) -> Any:
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _pattern_problems(field_name: str, value: Any, is_kind: Any, example: str) -> Iterable[str]:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        yield f"{field_name}={value!r}: must be a mapping of module-name patterns to values, e.g. {example}"
+        return
+    for key, entry in value.items():
+        if not isinstance(key, str) or not key:
+            yield f"{field_name}: key {key!r} must be a non-empty module-name pattern"
+            continue
+        try:
+            re.compile(key)
+        except re.error as err:
+            yield f"{field_name}: key {key!r} is not a valid regular expression ({err})"
+        if not is_kind(entry) or not _is_positive_finite(entry):
+            yield f"{field_name}[{key!r}]={entry!r}: must be {example}"
 
 
 def _name_problems(field_name: str, value: Any) -> Iterable[str]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
 from torch import nn
 
+from lora_lightning import quant
 from lora_lightning.config import ALL_LINEAR, LoRAConfig
-from lora_lightning.layers import LoRALinear
+from lora_lightning.layers import LoRALayer, LoRALinear, lora_layer_type
+from lora_lightning.names import canonical_name
 from lora_lightning.params import (
     ParamSummary,
     lora_layers,
@@ -18,7 +21,7 @@ from lora_lightning.params import (
     param_summary,
 )
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear,)
+SUPPORTED_LAYERS = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, transformers' Conv1D (GPT-2)"
 
 
 class TargetError(ValueError):
@@ -44,31 +47,50 @@ class _Plan:
     modules_to_save: list[str]
 
 
-def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> list[str]:
     """Names of the layers `inject_lora` would adapt; raises `TargetError` listing candidates."""
-    return _plan(model, config).targets
+    return _plan(model, config, adapter_name).targets
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig) -> InjectionReport:
-    """Wrap every targeted layer in a `LoRALinear`, freeze all other parameters (``modules_to_save``
-    stay trainable) and return a report. Everything is checked first: on error the model is untouched."""
-    plan = _plan(model, config)
+def inject_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> InjectionReport:
+    """Add adapter ``adapter_name`` to every targeted layer (wrapping it in its LoRA layer type, or joining
+    the adapters a LoRA layer already has), make it the active adapter, freeze everything else
+    (``modules_to_save`` stay trainable) and return a report. Everything is checked first: on error the
+    model is untouched."""
+    plan = _plan(model, config, adapter_name)
     for name in plan.targets:
-        base = model.get_submodule(name)
-        layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora)
-        _replace(model, name, layer)
+        module = model.get_submodule(name)
+        spec = config.spec_for(canonical_name(name))
+        if isinstance(module, LoRALayer):
+            module.add_adapter(adapter_name, spec)
+        else:
+            replace_module(model, name, lora_layer_type(module)(module, spec, adapter_name))
+    for _, layer in lora_layers(model):
+        layer.active_adapter = adapter_name
     for name in plan.modules_to_save:
         mark_trained_in_full(model.get_submodule(name))
-    mark_only_adapters_trainable(model)
+    mark_only_adapters_trainable(model, adapter_name)
     return InjectionReport(plan.targets, plan.modules_to_save, param_summary(model))
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put the plain base layer back (zero inference overhead)."""
+def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Fold adapter ``adapter_name`` (the active one by default) into the base weights and put the plain
+    base layers back, dropping any other adapters (zero inference overhead). A 4-bit base is dequantized
+    first: the merged layer is a plain ``nn.Linear`` in the adapter's dtype, and a warning says so."""
+    dequantized = Counter()
     for name, layer in list(lora_layers(model)):
-        if not layer.merged:
-            layer.merge()
-        _replace(model, name, layer.base_layer)
+        wanted = adapter_name or layer.active_adapter
+        if layer.merged and layer.merged_adapter != wanted:
+            layer.unmerge()
+        if not layer.merged and wanted in layer.specs:
+            kind = quant.describe(layer.base_layer) if quant.is_quantized(layer.base_layer) else None
+            layer.merge(wanted)
+            if kind:
+                dequantized[f"{kind} -> nn.Linear({layer.base_layer.weight.dtype})"] += 1
+        replace_module(model, name, layer.base_layer)
+    if dequantized:
+        counts = ", ".join(f"{n} x {kind}" for kind, n in dequantized.items())
+        warnings.warn(f"merge_lora dequantized 4-bit layers to hold the merged weights: {counts}", stacklevel=2)
     return model
 
 
@@ -77,7 +99,7 @@ def unload_lora(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         if layer.merged:
             layer.unmerge()
-        _replace(model, name, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     return model
 
 
@@ -88,7 +110,7 @@ def matches(name: str, pattern: list[str] | str) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in pattern)
 
 
-def _plan(model: nn.Module, config: LoRAConfig) -> _Plan:
+def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; pass the model object itself")
     if not isinstance(config, LoRAConfig):
@@ -96,13 +118,18 @@ def _plan(model: nn.Module, config: LoRAConfig) -> _Plan:
             f"config must be a LoRAConfig, got {type(config).__name__}; build one with LoRAConfig(r=8, ...) "
             "or LoRAConfig.from_dict(values)"
         )
-    existing = [name for name, _ in lora_layers(model)]
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name={adapter_name!r}: must be a non-empty name without dots, e.g. 'default'")
+    existing = [name for name, _ in lora_layers(model, adapter_name)]
     if existing:
         raise TargetError(
-            f"the model already has LoRA adapters on {len(existing)} layers (e.g. {existing[0]!r}); "
-            "call merge_lora(model) or unload_lora(model) before injecting again"
+            f"the model already has adapter {adapter_name!r} on {len(existing)} layers (e.g. {existing[0]!r}); "
+            "give the new adapter another adapter_name, or delete_adapter/unload_lora the old one first"
         )
-    modules = {name: module for name, module in model.named_modules() if name}
+    merged = [name for name, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise TargetError(f"LoRA layers {merged[:3]} have a merged adapter; unmerge them before adding adapters")
+    modules = _visible_modules(model)
     problems: list[str] = []
 
     saved = _select(modules, config.modules_to_save, "modules_to_save", problems) if config.modules_to_save else []
@@ -110,15 +137,14 @@ def _plan(model: nn.Module, config: LoRAConfig) -> _Plan:
 
     if config.target_modules == ALL_LINEAR:
         heads = _output_heads(model)
-        targets = [n for n, m in modules.items() if isinstance(m, SUPPORTED_LAYERS) and n not in heads]
+        targets = [n for n, m in modules.items() if lora_layer_type(m) is LoRALinear and n not in heads]
     else:
         targets = _select(modules, config.target_modules, "target_modules", problems)
-        unsupported = [
-            f"{n} ({type(modules[n]).__name__})" for n in targets if not isinstance(modules[n], SUPPORTED_LAYERS)
-        ]
+        unsupported = [f"{n} ({type(modules[n]).__name__})" for n in targets if lora_layer_type(modules[n]) is None]
         if unsupported:
-            kinds = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
-            problems.append(f"target_modules selects layers of unsupported types: {unsupported}; supported: {kinds}")
+            problems.append(
+                f"target_modules selects layers of unsupported types: {unsupported}; supported: {SUPPORTED_LAYERS}"
+            )
     if config.exclude_modules:
         excluded = set(_select(modules, config.exclude_modules, "exclude_modules", problems))
         targets = [n for n in targets if n not in excluded]
@@ -129,12 +155,19 @@ def _plan(model: nn.Module, config: LoRAConfig) -> _Plan:
         why = f" (modules_to_save={saved} holds {in_saved}, which are trained in full instead)" if in_saved else ""
         problems.append(f"target_modules={config.target_modules!r} leaves no layer to adapt{why}")
     for name in targets:
-        module = modules[name]
-        if isinstance(module, nn.Linear) and config.r > min(module.in_features, module.out_features):
-            problems.append(
-                f"r={config.r} exceeds layer {name!r} ({module.in_features} -> {module.out_features}); "
-                f"use r <= {min(module.in_features, module.out_features)} or exclude the layer"
-            )
+        kind = lora_layer_type(modules[name])
+        if kind is None:
+            continue
+        spec = config.spec_for(canonical_name(name))
+        problems += [f"layer {name!r}: {p}" for p in kind.problems(modules[name], spec)]
+        if kind is LoRALinear:
+            shape = kind(modules[name])  # adapter-less: only asked for its dimensions
+            size = min(shape.in_features, shape.out_features)
+            if spec.r > size:
+                problems.append(
+                    f"r={spec.r} exceeds layer {name!r} ({shape.in_features} -> {shape.out_features}); "
+                    f"use r <= {size} or exclude the layer"
+                )
     if problems:
         raise TargetError(
             "cannot inject LoRA:\n  - " + "\n  - ".join(problems) + f"\nadaptable layers: {_candidates(modules)}"
@@ -154,6 +187,22 @@ def _select(modules: dict[str, nn.Module], pattern: list[str] | str, field: str,
     return selected
 
 
+def _visible_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's modules by name as a user sees them: a LoRA layer stands for its base layer (it is
+    matched by its own name and adapted by adding an adapter), and nothing inside it is listed."""
+    modules = {}
+    inside = ()
+    for name, module in model.named_modules():
+        if not name or (inside and name.startswith(inside)):
+            continue
+        if isinstance(module, LoRALayer):
+            inside = (name + ".",)
+            modules[name] = module.base_layer
+            continue
+        modules[name] = module
+    return modules
+
+
 def _output_heads(model: nn.Module) -> set[str]:
     """The output projection that 'all-linear' leaves alone: the module any (sub)model reports from
     ``get_output_embeddings()`` (Hugging Face models), else the last ``nn.Linear`` of the model."""
@@ -165,20 +214,21 @@ def _output_heads(model: nn.Module) -> set[str]:
         if isinstance(head, nn.Module):
             heads.update(n for n, m in named if m is head)
     if not heads:
-        linears = [n for n, m in named if isinstance(m, nn.Linear)]
+        linears = [n for n, m in _visible_modules(model).items() if lora_layer_type(m) is LoRALinear]
         heads.update(linears[-1:])
     return heads
 
 
 def _candidates(modules: dict[str, nn.Module], limit: int = 20) -> str:
-    counts = Counter(n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, SUPPORTED_LAYERS))
+    counts = Counter(n.rsplit(".", 1)[-1] for n, m in modules.items() if lora_layer_type(m) is not None)
     if not counts:
-        return "none (the model has no nn.Linear layer)"
+        return f"none (the model has no layer of a supported type: {SUPPORTED_LAYERS})"
     shown = [f"{leaf} (x{count})" if count > 1 else leaf for leaf, count in counts.most_common(limit)]
     more = f", ... {len(counts) - limit} more" if len(counts) > limit else ""
     return ", ".join(shown) + more
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` is."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)

@@ -1,8 +1,9 @@
 """Adapters on disk in Hugging Face PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Tensor keys are ``base_model.model.<module>.lora_A.weight`` (``[r, in]``), ``...lora_B.weight``
-(``[out, r]``) and ``base_model.model.<module>.<param>`` for ``modules_to_save``. Loading never unpickles:
-JSON and safetensors only. Writes go to a temporary folder that replaces the target in one step.
+One folder holds one adapter. Tensor keys are ``base_model.model.<module>.<key>`` without the adapter's
+name: ``lora_A.weight`` (``[r, in, ...]``) and ``lora_B.weight`` (``[out, r, ...]``), ``lora_embedding_A``/``_B``
+for embeddings, ``lora_magnitude_vector`` for DoRA, and ``<param>`` for ``modules_to_save``. Loading never
+unpickles: JSON and safetensors only. Writes go to a temporary folder that replaces the target in one step.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_lightning.config import LoRAConfig, _is_positive_finite
+from lora_lightning.adapters import active_adapter
+from lora_lightning.config import _INIT, LoRAConfig, _is_positive_finite
 from lora_lightning.inject import InjectionReport, find_targets, inject_lora, matches
-from lora_lightning.layers import LoRALinear
+from lora_lightning.layers import LoRALayer, lora_layer_type
+from lora_lightning.names import canonical_name
 from lora_lightning.params import (
-    adapter_state_dict,
+    adapter_names,
     lora_layers,
     mark_only_adapters_trainable,
     mark_trained_in_full,
@@ -37,7 +40,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
-_LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+# What a LoRA layer's adapter holds in a PEFT file, after the module name.
+ADAPTER_KEYS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 class AdapterFormatError(ValueError):
@@ -48,15 +52,27 @@ def save_adapter(
     model: nn.Module,
     path: str | os.PathLike[str],
     *,
+    adapter_name: str | None = None,
     overwrite: bool = False,
     base_model_name_or_path: str | None = None,
 ) -> Path:
-    """Write ``model``'s adapters as a PEFT folder at ``path``. Keys are relative to ``model``: pass the
-    module PEFT will wrap (e.g. the Hugging Face model inside a LightningModule)."""
+    """Write adapter ``adapter_name`` (the active one by default) of ``model`` as a PEFT folder at ``path``.
+    Keys are relative to ``model``: pass the module PEFT will wrap (e.g. the Hugging Face model inside a
+    LightningModule)."""
     path = Path(path)
-    layers = list(lora_layers(model))
+    if adapter_name is None:
+        adapter_name = active_adapter(model) if list(lora_layers(model)) else None
+    layers = list(lora_layers(model, adapter_name)) if adapter_name else []
     if not layers:
-        raise AdapterFormatError("save_adapter: the model has no LoRA layers; call inject_lora(model, config) first")
+        have = adapter_names(model)
+        if not have:
+            raise AdapterFormatError(
+                "save_adapter: the model has no LoRA layers; call inject_lora(model, config) first"
+            )
+        raise AdapterFormatError(
+            f"save_adapter: the model has no adapter {adapter_name!r} (it has {have}); "
+            "call inject_lora(model, config) first, or name one of its adapters"
+        )
     if path.exists() and not overwrite:
         raise FileExistsError(f"save_adapter: {str(path)!r} already exists; pass overwrite=True to replace it")
     if path.exists() and not path.is_dir():
@@ -70,8 +86,14 @@ def save_adapter(
             f"save_adapter: {str(path)!r} holds other files {foreign[:5]}; overwrite=True replaces the whole "
             "folder, so it only replaces adapter folders; choose an empty or new path"
         )
-    config = _peft_config(model, layers, base_model_name_or_path)
-    tensors = {PEFT_PREFIX + _peft_name(k): t.contiguous().cpu() for k, t in adapter_state_dict(model).items()}
+    config = _peft_config(model, layers, adapter_name, base_model_name_or_path)
+    tensors = {}
+    for name, layer in layers:
+        for file_key, tensor in layer.adapter_tensors(adapter_name).items():
+            tensors[f"{PEFT_PREFIX}{canonical_name(name)}.{file_key}"] = tensor.detach().contiguous().cpu()
+    for name, module in trained_in_full_modules(model):
+        for key, tensor in module.state_dict(prefix=f"{name}.").items():
+            tensors[PEFT_PREFIX + canonical_name(key)] = tensor.detach().contiguous().cpu()
 
     def write(folder: Path) -> None:
         save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -84,70 +106,69 @@ def save_adapter(
     return path
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, trainable: bool = False) -> InjectionReport:
-    """Load a PEFT-format LoRA adapter into ``model``, injecting LoRA layers from the saved config if the
-    model has none. Adapters come back trainable only with ``trainable=True``; the base stays frozen.
-    Everything is checked before the model is touched."""
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str = "default", trainable: bool = False
+) -> InjectionReport:
+    """Load a PEFT-format LoRA adapter into ``model`` as adapter ``adapter_name`` and make it the active one.
+    Layers are injected from the saved config unless the model already has that adapter (then its tensors
+    are replaced). Adapters come back trainable only with ``trainable=True`` (then the others are frozen);
+    the base stays frozen. Everything is checked before the model is touched."""
     config_file, weights_file = _adapter_files(Path(path))
     peft = _read_peft_config(config_file)
     lora, extra = _split_keys(_read_tensors(weights_file), weights_file)
-    names = {_peft_name(n): n for n, _ in model.named_modules() if n}  # PEFT's name -> the model's name
+    names = {canonical_name(n): n for n, _ in model.named_modules() if n}  # PEFT's name -> the model's name
     saved = [p for p in names if matches(p, peft["modules_to_save"] or [])]
-    extra_keys = _check_fit(model, peft, lora, extra, names, saved, weights_file)
+    targets = [names.get(p, p) for p in sorted(lora)]
+    config = _lora_config(peft, targets, [names[p] for p in saved], path)
+    extra_keys = _check_fit(model, config, adapter_name, lora, extra, names, saved, weights_file)
 
-    targets = [names[p] for p in sorted(lora)]
-    if not list(lora_layers(model)):
+    if not list(lora_layers(model, adapter_name)):
         try:
-            config = LoRAConfig(
-                r=peft["r"],
-                alpha=peft["lora_alpha"],
-                dropout=peft.get("lora_dropout") or 0.0,
-                target_modules="|".join(re.escape(t) for t in targets),
-                use_rslora=bool(peft.get("use_rslora")),
-                modules_to_save=[names[p] for p in saved] or None,
-            )
-            find_targets(model, config)  # e.g. r larger than a layer: refused here, before anything changes
+            find_targets(model, config, adapter_name)  # e.g. r larger than a layer: refused before any change
         except ValueError as err:
             raise AdapterFormatError(f"load_adapter: the adapter in {str(path)!r} cannot be injected: {err}") from None
-        inject_lora(model, config)
+        inject_lora(model, config, adapter_name)
     with torch.no_grad():
-        for name, pair in lora.items():
+        for name, tensors in lora.items():
             layer = model.get_submodule(names[name])
-            layer.lora_A.weight.copy_(pair["A"])
-            layer.lora_B.weight.copy_(pair["B"])
+            mine = layer.adapter_tensors(adapter_name)
+            for file_key, tensor in tensors.items():
+                mine[file_key].copy_(tensor)
         state = model.state_dict(keep_vars=True)
         for key, tensor in extra.items():
             state[extra_keys[key]].copy_(tensor)
     for name in saved:  # also when the LoRA layers already existed, so a later save keeps them
         mark_trained_in_full(model.get_submodule(names[name]))
+    for _, layer in lora_layers(model):
+        layer.active_adapter = adapter_name
     if trainable:
-        mark_only_adapters_trainable(model)
+        mark_only_adapters_trainable(model, adapter_name)
     else:
         model.requires_grad_(False)
     return InjectionReport(targets, [n for n, _ in trained_in_full_modules(model)], param_summary(model))
 
 
-def _peft_name(name: str) -> str:
-    """Module/tensor name as PEFT sees it: without torch.compile's ``_orig_mod.`` segments."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
-
-
-def _peft_config(model: nn.Module, layers: list[tuple[str, Any]], base_model_name_or_path: str | None) -> dict:
-    hyper = Counter(layer.hyperparameters for _, layer in layers)
-    if len(hyper) > 1:
-        raise NotImplementedError(f"save_adapter: layers with different r/alpha/dropout/rslora {sorted(hyper)}")
-    (r, alpha, dropout, use_rslora), _ = hyper.most_common(1)[0]
+def _peft_config(
+    model: nn.Module, layers: list[tuple[str, LoRALayer]], adapter_name: str, base_model_name_or_path: str | None
+) -> dict:
+    specs = {canonical_name(n): layer.spec(adapter_name) for n, layer in layers}
+    shared = Counter((s.dropout, s.use_rslora, s.use_dora, s.init) for s in specs.values())
+    if len(shared) > 1:
+        raise NotImplementedError(f"save_adapter: layers with different dropout/rslora/dora/init {sorted(shared)}")
+    (dropout, use_rslora, use_dora, init), _ = shared.most_common(1)[0]
+    (r, _), _ = Counter((s.r, None) for s in specs.values()).most_common(1)[0]
+    (alpha, _), _ = Counter((s.alpha, None) for s in specs.values()).most_common(1)[0]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    saved = sorted(_peft_name(n) for n, _ in trained_in_full_modules(model))
+    saved = sorted(canonical_name(n) for n, _ in trained_in_full_modules(model))
     return {
-        "alpha_pattern": {},
+        "alpha_pattern": {re.escape(n): s.alpha for n, s in sorted(specs.items()) if s.alpha != alpha},
         "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
         "exclude_modules": None,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for _, layer in layers),
         "inference_mode": True,
-        "init_lora_weights": True,
+        "init_lora_weights": True if init == "kaiming" else init,
         "layers_pattern": None,
         "layers_to_transform": None,
         "lora_alpha": alpha,
@@ -155,12 +176,32 @@ def _peft_config(model: nn.Module, layers: list[tuple[str, Any]], base_model_nam
         "modules_to_save": saved or None,
         "peft_type": "LORA",
         "r": r,
-        "rank_pattern": {},
-        "target_modules": sorted(_peft_name(n) for n, _ in layers),
+        "rank_pattern": {re.escape(n): s.r for n, s in sorted(specs.items()) if s.r != r},
+        "target_modules": sorted(specs),
         "task_type": None,
-        "use_dora": False,
+        "use_dora": use_dora,
         "use_rslora": use_rslora,
     }
+
+
+def _lora_config(peft: dict[str, Any], targets: list[str], saved: list[str], path: Any) -> LoRAConfig:
+    """The `LoRAConfig` that re-creates the saved adapter on exactly ``targets``."""
+    init = peft.get("init_lora_weights", True)
+    try:
+        return LoRAConfig(
+            r=peft["r"],
+            alpha=peft["lora_alpha"],
+            dropout=peft.get("lora_dropout") or 0.0,
+            target_modules="|".join(re.escape(t) for t in targets),
+            use_rslora=bool(peft.get("use_rslora")),
+            use_dora=bool(peft.get("use_dora")),
+            init="kaiming" if isinstance(init, bool) else init,
+            rank_pattern=peft.get("rank_pattern") or None,
+            alpha_pattern=peft.get("alpha_pattern") or None,
+            modules_to_save=saved or None,
+        )
+    except ValueError as err:
+        raise AdapterFormatError(f"load_adapter: the adapter in {str(path)!r} has unusable fields: {err}") from None
 
 
 def _adapter_files(path: Path) -> tuple[Path, Path]:
@@ -203,12 +244,14 @@ def _read_peft_config(file: Path) -> dict[str, Any]:
         problems.append(f"lora_dropout={dropout!r} (must be a number in [0, 1))")
     if rslora is not None and not isinstance(rslora, bool):
         problems.append(f"use_rslora={rslora!r} (must be true or false)")
-    for key, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
-        if peft.get(key, plain) not in (plain, None):
-            problems.append(f"{key}={peft[key]!r} (not supported yet; only {plain!r})")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if peft.get(key):
-            problems.append(f"{key}={peft[key]!r} (per-layer rank/alpha not supported yet)")
+    for key in ("use_dora", "fan_in_fan_out"):  # fan_in_fan_out follows from the layer type: GPT-2's Conv1D
+        if peft.get(key) not in (True, False, None):
+            problems.append(f"{key}={peft[key]!r} (must be true or false)")
+    if peft.get("bias", "none") not in ("none", None):
+        problems.append(f"bias={peft['bias']!r} (not supported; only 'none')")
+    init = peft.get("init_lora_weights", True)
+    if not isinstance(init, bool) and not (isinstance(init, str) and _INIT.fullmatch(init)):
+        problems.append(f"init_lora_weights={init!r} (supported: true, false, 'gaussian', 'pissa', 'olora')")
     saved = peft.get("modules_to_save")
     if saved is not None and (not isinstance(saved, list) or not all(isinstance(s, str) for s in saved)):
         problems.append(f"modules_to_save={saved!r} (must be a list of module names)")
@@ -228,16 +271,16 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 def _split_keys(
     tensors: dict[str, torch.Tensor], file: Path
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """``{module: {"A": tensor, "B": tensor}}`` for LoRA pairs and ``{key: tensor}`` for the rest."""
+    """``{module: {"lora_A.weight": tensor, ...}}`` for adapter tensors and ``{key: tensor}`` for the rest."""
     lora: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if not key.startswith(PEFT_PREFIX):
             raise AdapterFormatError(f"load_adapter: key {key!r} in {str(file)!r} does not start with {PEFT_PREFIX!r}")
         key = key[len(PEFT_PREFIX) :]
-        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        suffix = next((s for s in ADAPTER_KEYS if key.endswith("." + s)), None)
         if suffix:
-            lora.setdefault(key[: -len(suffix)], {})[_LORA_SUFFIXES[suffix]] = tensor
+            lora.setdefault(key[: -len(suffix) - 1], {})[suffix] = tensor
         else:
             extra[key] = tensor
     if not lora:
@@ -247,7 +290,8 @@ def _split_keys(
 
 def _check_fit(
     model: nn.Module,
-    peft: dict[str, Any],
+    config: LoRAConfig,
+    adapter_name: str,
     lora: dict[str, dict[str, torch.Tensor]],
     extra: dict[str, torch.Tensor],
     names: dict[str, str],
@@ -256,41 +300,48 @@ def _check_fit(
 ) -> dict[str, str]:
     """Every tensor must have a place of the right type and shape in the model; all mismatches are
     reported at once. Returns the model's state-dict key for each ``modules_to_save`` tensor."""
-    r, alpha, use_rslora = peft["r"], peft["lora_alpha"], bool(peft.get("use_rslora"))
     problems = []
-    existing = {_peft_name(n): layer for n, layer in lora_layers(model)}
+    existing = {canonical_name(n): layer for n, layer in lora_layers(model, adapter_name)}
     if existing and set(existing) != set(lora):
         problems.append(
-            f"the model already has LoRA layers on {len(existing)} modules that differ from the adapter's "
-            f"{len(lora)} (e.g. {sorted(set(existing) ^ set(lora))[:3]}); call unload_lora(model) first"
+            f"the model already has adapter {adapter_name!r} on {len(existing)} modules that differ from the "
+            f"file's {len(lora)} (e.g. {sorted(set(existing) ^ set(lora))[:3]}); "
+            f"delete_adapter(model, {adapter_name!r}) or load it under another adapter_name"
         )
-    for name, pair in sorted(lora.items()):
-        layer = existing.get(name) or (model.get_submodule(names[name]) if name in names else None)
+    for name, tensors in sorted(lora.items()):
+        module = model.get_submodule(names[name]) if name in names else None
+        spec = config.spec_for(names.get(name, name))
         owner = next((s for s in saved if name == s or name.startswith(s + ".")), None)
         if owner is not None:
             problems.append(
                 f"{name}: has LoRA tensors but is inside modules_to_save entry {owner!r}; it is one or the other"
             )
-        if isinstance(layer, LoRALinear) and layer.merged:
+        if isinstance(module, LoRALayer) and module.merged:
             problems.append(f"{name}: the model's LoRA layer is merged; unmerge() it or unload_lora(model) first")
-        if set(pair) != {"A", "B"}:
-            problems.append(f"{name}: only lora_{''.join(pair)} present; both lora_A and lora_B are needed")
-        elif isinstance(layer, LoRALinear) and (layer.r, layer.alpha, layer.use_rslora) != (r, alpha, use_rslora):
+        if isinstance(module, LoRALayer) and adapter_name in module.specs and module.spec(adapter_name) != spec:
             problems.append(
-                f"{name}: the model's layer has r={layer.r}, alpha={layer.alpha}, use_rslora={layer.use_rslora}; "
-                f"the file r={r}, alpha={alpha}, use_rslora={use_rslora}"
+                f"{name}: the model's adapter {adapter_name!r} has {module.spec(adapter_name)}; the file {spec}"
             )
-        elif not isinstance(layer, (nn.Linear, LoRALinear)):
-            kind = "no such module" if layer is None else f"a {type(layer).__name__}, not nn.Linear"
+            continue
+        layer = module if isinstance(module, LoRALayer) else _bare_layer(module)
+        if layer is None:
+            kind = "no such module" if module is None else f"a {type(module).__name__}, which takes no LoRA"
             problems.append(f"{name}: {kind} in the model")
-        else:
-            for part, shape in (("A", (r, layer.in_features)), ("B", (layer.out_features, r))):
-                if tuple(pair[part].shape) != shape:
-                    problems.append(
-                        f"{name}.lora_{part}: shape {tuple(pair[part].shape)} in the file, the model needs {shape}"
-                    )
-                elif not pair[part].is_floating_point():
-                    problems.append(f"{name}.lora_{part}: dtype {pair[part].dtype} in the file; adapters are floats")
+            continue
+        try:
+            needed = layer.adapter_shapes(spec)
+        except (RuntimeError, TypeError, OverflowError) as err:
+            problems.append(f"{name}: an adapter with r={spec.r} cannot be built ({str(err).splitlines()[0]})")
+            continue
+        if set(tensors) != set(needed):
+            present = ", ".join(sorted(tensors))
+            problems.append(f"{name}: only {present} present; a {type(layer).__name__} needs {sorted(needed)}")
+            continue
+        for key, shape in needed.items():
+            if tuple(tensors[key].shape) != shape:
+                problems.append(f"{name}.{key}: shape {tuple(tensors[key].shape)} in the file, the model needs {shape}")
+            elif not tensors[key].is_floating_point():
+                problems.append(f"{name}.{key}: dtype {tensors[key].dtype} in the file; adapters are floats")
     # An entry matching no module is fine, as in PEFT (its SEQ_CLS task lists ["classifier", "score"] and a
     # model has one of them); every tensor of the file must still find its module, checked here:
     state = model.state_dict()
@@ -301,7 +352,7 @@ def _check_fit(
         if owner is None:
             problems.append(
                 f"{key}: neither a LoRA tensor nor a tensor of a module of the model that "
-                f"modules_to_save={peft['modules_to_save']} names"
+                f"modules_to_save={config.modules_to_save} names"
             )
         elif model_key not in state:
             problems.append(f"{key}: no such tensor in the model")
@@ -317,6 +368,12 @@ def _check_fit(
         shown = "\n  - ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise AdapterFormatError(f"load_adapter: {str(file)!r} does not fit this model:\n  - {shown}")
     return keys
+
+
+def _bare_layer(module: nn.Module | None) -> LoRALayer | None:
+    """An adapter-less LoRA layer around ``module`` (which stays untouched), to ask what shapes it needs."""
+    kind = lora_layer_type(module) if module is not None else None
+    return kind(module) if kind is not None else None
 
 
 def _write_folder_atomically(path: Path, write: Any) -> None:

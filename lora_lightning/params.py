@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_lightning.layers import LoRALinear
+from lora_lightning.layers import LoRALayer
 
 # Attribute set on a module listed in `LoRAConfig.modules_to_save`: trained in full and saved with the adapter.
 _TRAINED_IN_FULL = "_lora_trained_in_full"
@@ -27,11 +27,16 @@ class ParamSummary:
         )
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """Every LoRA layer of ``model`` with its module name."""
+def lora_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, LoRALayer]]:
+    """Every LoRA layer of ``model`` (holding adapter ``adapter_name``, if given) with its module name."""
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALayer) and (adapter_name is None or adapter_name in module.specs):
             yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters of ``model``, in the order they were added."""
+    return list(dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.adapter_names))
 
 
 def mark_trained_in_full(module: nn.Module) -> None:
@@ -45,30 +50,32 @@ def trained_in_full_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]
             yield name, module
 
 
-def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """The ``A`` and ``B`` matrices of every LoRA layer."""
-    for _, layer in lora_layers(model):
-        yield layer.lora_A.weight
-        yield layer.lora_B.weight
+def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.Parameter]:
+    """The trainable tensors (``A``, ``B``, DoRA magnitudes) of adapter ``adapter_name``, or of every adapter."""
+    for _, layer in lora_layers(model, adapter_name):
+        for name in [adapter_name] if adapter_name else layer.adapter_names:
+            yield from layer.adapter_tensors(name).values()
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a LoRA fine-tune changes: adapter matrices and ``modules_to_save`` tensors, keyed as in
-    ``model.state_dict()`` (detached; no copies)."""
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """What a LoRA fine-tune changes: the tensors of adapter ``adapter_name`` (or of every adapter) and of
+    ``modules_to_save``, keyed as in ``model.state_dict()`` (detached; no copies)."""
     state: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers(model):
+    for name, layer in lora_layers(model, adapter_name):
         prefix = f"{name}." if name else ""
-        state[f"{prefix}lora_A.weight"] = layer.lora_A.weight.detach()
-        state[f"{prefix}lora_B.weight"] = layer.lora_B.weight.detach()
+        for adapter in [adapter_name] if adapter_name else layer.adapter_names:
+            for file_key, tensor in layer.adapter_tensors(adapter).items():
+                state[prefix + layer.state_key(adapter, file_key)] = tensor.detach()
     for name, module in trained_in_full_modules(model):
         state.update(module.state_dict(prefix=f"{name}." if name else "", keep_vars=False))
     return state
 
 
-def mark_only_adapters_trainable(model: nn.Module) -> None:
-    """Freeze every parameter, then make adapters and ``modules_to_save`` modules trainable."""
+def mark_only_adapters_trainable(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Freeze every parameter, then make adapter ``adapter_name`` (or every adapter) and the
+    ``modules_to_save`` modules trainable."""
     model.requires_grad_(False)
-    for param in adapter_parameters(model):
+    for param in adapter_parameters(model, adapter_name):
         param.requires_grad_(True)
     for _, module in trained_in_full_modules(model):
         module.requires_grad_(True)

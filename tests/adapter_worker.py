@@ -47,7 +47,7 @@ def adapted_mlp(seed: int) -> nn.Sequential:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator))
+            layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=generator))
         model[4].weight.add_(torch.randn(model[4].weight.shape, generator=generator))
     return model.eval()
 

@@ -38,10 +38,10 @@ def test_fit_trains_only_adapters_and_modules_to_save(tmp_path):
     named = dict(module.named_parameters())
     trainable = {n for n, p in named.items() if id(p) in held}
     assert trainable == {
-        "net.0.lora_A.weight",
-        "net.0.lora_B.weight",
-        "net.2.lora_A.weight",
-        "net.2.lora_B.weight",
+        "net.0.lora_A.default.weight",
+        "net.0.lora_B.default.weight",
+        "net.2.lora_A.default.weight",
+        "net.2.lora_B.default.weight",
         "net.4.weight",
         "net.4.bias",
     }
@@ -50,7 +50,7 @@ def test_fit_trains_only_adapters_and_modules_to_save(tmp_path):
         adapted = key.replace("net.0.", "net.0.base_layer.").replace("net.2.", "net.2.base_layer.")
         assert torch.equal(state[adapted], base_before[key])  # frozen base never moved
     assert not torch.equal(state["net.4.weight"], base_before["net.4.weight"])  # the head trained in full
-    assert torch.count_nonzero(state["net.0.lora_B.weight"]) > 0
+    assert torch.count_nonzero(state["net.0.lora_B.default.weight"]) > 0
 
 
 class ScheduledModule(MLPModule):
@@ -159,7 +159,7 @@ def r4_checkpoint(tmp_path):
 
 
 def test_resume_with_another_rank_fails_clearly(tmp_path, r4_checkpoint):
-    with pytest.raises(RuntimeError, match=r"size mismatch for net.0.lora_A.weight.*\[4, 16\].*\[8, 16\]"):
+    with pytest.raises(RuntimeError, match=r"size mismatch for net.0.lora_A.default.weight.*\[4, 16\].*\[8, 16\]"):
         fit(MLPModule(), tmp_path, config=LoRAConfig(r=8, alpha=8, modules_to_save=["net.4"]), ckpt_path=r4_checkpoint)
 
 
@@ -170,7 +170,7 @@ def test_resume_with_another_alpha_fails_clearly(tmp_path, r4_checkpoint):
 
 def test_resume_with_other_targets_fails_clearly(tmp_path, r4_checkpoint):
     config = LoRAConfig(r=4, alpha=8, target_modules=["net.0"], modules_to_save=["net.4"])
-    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"net.2.lora_A.weight\""):
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"net.2.lora_A.default.weight\""):
         fit(MLPModule(), tmp_path, config=config, ckpt_path=r4_checkpoint)
 
 
@@ -179,7 +179,7 @@ def test_a_checkpoint_without_lora_fails_clearly(tmp_path):
     trainer = make_trainer(tmp_path / "plain", max_epochs=1)
     trainer.fit(plain, classification_data())
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"net.0.lora_A.weight\""):
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"net.0.lora_A.default.weight\""):
         fit(MLPModule(), tmp_path, ckpt_path=tmp_path / "plain.ckpt")
 
 
@@ -219,10 +219,10 @@ def test_config_none_trains_adapters_loaded_from_disk(tmp_path):
     save_adapter(trained.net, tmp_path / "adapter")
     module = MLPModule()
     load_adapter(module.net, tmp_path / "adapter")  # frozen: the callback makes them trainable again
-    before = module.net[0].lora_B.weight.clone()
+    before = module.net[0].lora_B["default"].weight.clone()
     fit(module, tmp_path / "b", epochs=1, lora=LoRAFinetuneCallback(None))
-    assert not torch.equal(module.net[0].lora_B.weight, before)
-    with pytest.raises(ValueError, match="already has LoRA layers"):
+    assert not torch.equal(module.net[0].lora_B["default"].weight, before)
+    with pytest.raises(ValueError, match="already has adapter .default."):
         fit(MLPModule(), tmp_path / "c", epochs=1, lora=LoRAFinetuneCallback(None))
 
 

@@ -28,7 +28,7 @@ def test_ddp_trains_adapters_only_checkpoints_once_and_resumes(tmp_path):
     assert ranks[0]["adapter_sum"] == ranks[1]["adapter_sum"]  # DDP kept the replicas in step
     assert all(r["frozen_moved"] == [] for r in ranks)
     assert set(ranks[0]["params_with_grad"]) == {
-        "net.0.lora_A.weight", "net.0.lora_B.weight", "net.2.lora_A.weight", "net.2.lora_B.weight",
+        "net.0.lora_A.default.weight", "net.0.lora_B.default.weight", "net.2.lora_A.default.weight", "net.2.lora_B.default.weight",
         "net.4.weight", "net.4.bias",
     }  # fmt: skip
     checkpoints = sorted(p.name for p in (tmp_path / "first" / "ckpt").iterdir())

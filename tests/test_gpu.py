@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import LlamaModule, make_llama, make_trainer, token_data
 
-from lora_lightning import LoRAConfig, LoRAFinetuneCallback, LoRALinear, adapter_parameters, inject_lora
+from lora_lightning import AdapterSpec, LoRAConfig, LoRAFinetuneCallback, LoRALinear, adapter_parameters, inject_lora
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -13,20 +13,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_fused_path_matches_module_path_on_cuda_bf16(dropout):
     torch.manual_seed(0)
     base = torch.nn.Linear(256, 512, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
-    layer = LoRALinear(base, r=16, alpha=32, dropout=dropout)
-    torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    layer = LoRALinear(base, AdapterSpec(r=16, alpha=32, dropout=dropout))
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer.eval()  # dropout off: both paths compute the same function
     assert layer._fused_path_applies(x)
     fused = layer(x)
     fused.float().square().sum().backward()
-    grads = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
-    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+    grads = [t.grad.clone() for t in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+    for t in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight):
         t.grad = None
-    reference = base(x) + layer.scaling * layer.lora_B(layer.lora_A(x))
+    reference = base(x) + layer.scaling * layer.lora_B["default"](layer.lora_A["default"](x))
     reference.float().square().sum().backward()
     torch.testing.assert_close(fused, reference, atol=2e-2, rtol=2e-2)
-    for got, want in zip(grads, (x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad), strict=True):
+    for got, want in zip(
+        grads, (x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad), strict=True
+    ):
         torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
 
 
@@ -50,5 +52,7 @@ def test_fit_on_gpu(tmp_path, precision):
     assert trainer.callback_metrics.get("train_loss") is None or torch.isfinite(trainer.callback_metrics["train_loss"])
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in adapter_parameters(module))
     assert any(
-        torch.count_nonzero(layer.lora_B.weight) > 0 for layer in module.modules() if isinstance(layer, LoRALinear)
+        torch.count_nonzero(layer.lora_B["default"].weight) > 0
+        for layer in module.modules()
+        if isinstance(layer, LoRALinear)
     )

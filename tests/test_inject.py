@@ -110,7 +110,7 @@ def assert_untouched(model: nn.Module, before: dict) -> None:
         ({"target_modules": ["q_proj", "qkv_proj"]}, r"target_modules: \['qkv_proj'\] match no module"),
         ({"target_modules": r"transformer\.h\..*"}, "match no module"),
         ({"target_modules": ["self_attn"]}, r"unsupported types: \['model.layers.0.self_attn \(LlamaAttention\)"),
-        ({"target_modules": ["embed_tokens"]}, "Embedding"),
+        ({"target_modules": ["input_layernorm"]}, "LlamaRMSNorm"),
         ({"target_modules": "all-linear", "exclude_modules": ["q_prj"]}, r"exclude_modules: \['q_prj'\]"),
         ({"modules_to_save": ["classifier"]}, r"modules_to_save: \['classifier'\] match no module"),
         ({"r": 64}, r"r=64 exceeds layer 'model.layers.0.self_attn.q_proj' \(32 -> 32\)"),
@@ -130,7 +130,7 @@ def test_second_injection_raises_and_changes_nothing():
     model = make_mlp()
     inject_lora(model, LoRAConfig(r=2))
     before = snapshot(model)
-    with pytest.raises(TargetError, match="already has LoRA adapters on 2 layers"):
+    with pytest.raises(TargetError, match="already has adapter 'default' on 2 layers"):
         inject_lora(model, LoRAConfig(r=2))
     assert_untouched(model, before)
 

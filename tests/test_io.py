@@ -18,6 +18,7 @@ from torch import nn
 import lora_lightning.io as lora_io
 from lora_lightning import (
     AdapterFormatError,
+    AdapterSpec,
     LoRAConfig,
     LoRAFinetuneCallback,
     LoRALinear,
@@ -42,7 +43,7 @@ def perturb_(model: nn.Module, seed: int = 5) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            weight = layer.lora_B.weight
+            weight = layer.lora_B["default"].weight
             weight.copy_(0.1 * torch.randn(weight.shape, generator=generator))
         for _, module in trained_in_full_modules(model):
             for param in module.parameters():
@@ -113,7 +114,7 @@ def edit_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str,
 
 
 def adapter_params(layer: LoRALinear) -> list[nn.Parameter]:
-    return [layer.lora_A.weight, layer.lora_B.weight]
+    return [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
 
 def llama_names(*leaves: str) -> list[str]:
@@ -158,7 +159,7 @@ def test_load_freezes_the_base_and_makes_adapters_trainable_only_on_request(save
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     adapters = {n for n in flags if ".lora_" in n}
     head = {"4.weight", "4.bias"}
-    assert adapters == {f"{m}.lora_{ab}.weight" for m in ("0", "2") for ab in "AB"}
+    assert adapters == {f"{m}.lora_{ab}.default.weight" for m in ("0", "2") for ab in "AB"}
     assert all(flags[n] is trainable for n in adapters | head), flags
     assert not any(flags[n] for n in set(flags) - adapters - head), "the base must stay frozen"
     expected_trainable = sum(p.numel() for n, p in model.named_parameters() if n in adapters | head)
@@ -235,7 +236,7 @@ def test_folder_holds_peft_config_and_safetensors_with_only_adapter_tensors(save
     assert tensors[f"{PREFIX}2.lora_A.weight"].shape == (4, 32)
     assert tensors[f"{PREFIX}2.lora_B.weight"].shape == (32, 4)
     assert not any("base_layer" in key for key in tensors), "base weights must not be saved"
-    assert torch.equal(tensors[f"{PREFIX}0.lora_B.weight"], model[0].lora_B.weight)
+    assert torch.equal(tensors[f"{PREFIX}0.lora_B.weight"], model[0].lora_B["default"].weight)
     assert torch.equal(tensors[f"{PREFIX}4.weight"], model[4].weight)
 
 
@@ -393,11 +394,11 @@ def test_save_refuses_to_replace_a_file(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_save_refuses_layers_with_different_hyperparameters(tmp_path):
+def test_save_refuses_layers_with_different_dropout(tmp_path):
     model = make_mlp(0)
     inject_lora(model, LoRAConfig(r=4, alpha=8))
-    model[2] = LoRALinear(model[2].base_layer, r=2, alpha=8)
-    with pytest.raises(NotImplementedError, match="different r"):
+    model[2] = LoRALinear(model[2].base_layer, AdapterSpec(r=4, alpha=8, dropout=0.1))
+    with pytest.raises(NotImplementedError, match="different dropout"):
         save_adapter(model, tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []
 
@@ -494,11 +495,17 @@ LOAD_ERRORS = {
     "json_not_object": (lambda p: (p / CONFIG_NAME).write_text("[4, 8]"), [CONFIG_NAME, "JSON object"]),
     "wrong_peft_type": (lambda p: edit_config(p, peft_type="IA3"), [CONFIG_NAME, "peft_type='IA3'"]),
     "bad_r": (lambda p: edit_config(p, r=0), [CONFIG_NAME, "r=0"]),
-    "dora": (lambda p: edit_config(p, use_dora=True), [CONFIG_NAME, "use_dora=True"]),
-    "rank_pattern": (lambda p: edit_config(p, rank_pattern={"0": 2}), [CONFIG_NAME, "rank_pattern"]),
+    "dora_without_magnitudes": (
+        lambda p: edit_config(p, use_dora=True),
+        [WEIGHTS_NAME, "0: only lora_A.weight, lora_B.weight present", "lora_magnitude_vector"],
+    ),
+    "rank_pattern_disagrees_with_tensors": (
+        lambda p: edit_config(p, rank_pattern={"0": 2}),
+        [WEIGHTS_NAME, "0.lora_A.weight: shape (4, 16) in the file, the model needs (2, 16)"],
+    ),
     "r_disagrees_with_tensors": (
         lambda p: edit_config(p, r=8),
-        [WEIGHTS_NAME, "0.lora_A: shape (4, 16) in the file, the model needs (8, 16)"],
+        [WEIGHTS_NAME, "0.lora_A.weight: shape (4, 16) in the file, the model needs (8, 16)"],
     ),
     "truncated": (_truncate, [WEIGHTS_NAME, "not a readable safetensors file"]),
     "huge_header": (_huge_header, [WEIGHTS_NAME, "not a readable safetensors file"]),
@@ -513,7 +520,7 @@ LOAD_ERRORS = {
     ),
     "not_a_linear": (
         lambda p: edit_tensors(p, lambda t: _rename_module(t, "2", "1")),
-        [WEIGHTS_NAME, "1: a ReLU, not nn.Linear"],
+        [WEIGHTS_NAME, "1: a ReLU, which takes no LoRA"],
     ),
     "key_without_prefix": (
         lambda p: edit_tensors(p, lambda t: {k.removeprefix(PREFIX): v for k, v in t.items()}),
@@ -521,7 +528,7 @@ LOAD_ERRORS = {
     ),
     "lora_A_without_B": (
         lambda p: edit_tensors(p, lambda t: {k: v for k, v in t.items() if k != f"{PREFIX}2.lora_B.weight"}),
-        [WEIGHTS_NAME, "2: only lora_A present"],
+        [WEIGHTS_NAME, "2: only lora_A.weight present"],
     ),
     "no_lora_tensors": (
         lambda p: edit_tensors(p, lambda t: {k: v for k, v in t.items() if "lora_" not in k}),
@@ -596,8 +603,8 @@ def test_load_refuses_an_adapter_for_another_base(saved):
         load_adapter(wider, saved)
     message = str(err.value)
     assert str(saved / WEIGHTS_NAME) in message and "does not fit this model" in message
-    assert "0.lora_B: shape (32, 4) in the file, the model needs (48, 4)" in message
-    assert "2.lora_A: shape (4, 32) in the file, the model needs (4, 48)" in message  # all mismatches at once
+    assert "0.lora_B.weight: shape (32, 4) in the file, the model needs (48, 4)" in message
+    assert "2.lora_A.weight: shape (4, 32) in the file, the model needs (4, 48)" in message  # all mismatches at once
     assert not list(lora_layers(wider))
     assert_unchanged(wider, before)
 
@@ -605,8 +612,8 @@ def test_load_refuses_an_adapter_for_another_base(saved):
 @pytest.mark.parametrize(
     ("existing", "fragment"),
     [
-        ({"target_modules": ["0"]}, "already has LoRA layers on 1 modules"),
-        ({"r": 2}, "the model's layer has r=2"),
+        ({"target_modules": ["0"]}, "already has adapter 'default' on 1 modules"),
+        ({"r": 2}, "the model's adapter 'default' has AdapterSpec(r=2"),
         ({"alpha": 4}, "alpha=4"),
         ({"use_rslora": True}, "rslora"),
     ],

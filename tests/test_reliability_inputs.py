@@ -146,16 +146,30 @@ def inject_with_a_substring_target(tmp, mp):
     return model, lambda: inject_lora(model, LoRAConfig(target_modules=["proj"]))
 
 
-@case(TargetError, "unsupported types: ['conv (Conv2d)']", "supported: Linear", "adaptable layers: head")
-def inject_into_a_conv_layer(tmp, mp):
+@case(TargetError, "unsupported types: ['norm (LayerNorm)']", "supported: nn.Linear", "adaptable layers: head")
+def inject_into_a_norm_layer(tmp, mp):
     model = nn.Sequential()
-    model.add_module("conv", nn.Conv2d(3, 8, 3))
+    model.add_module("norm", nn.LayerNorm(8))
+    model.add_module("head", nn.Linear(8, 2))
+    return model, lambda: inject_lora(model, LoRAConfig(r=2, target_modules=["norm"]))
+
+
+@case(TargetError, "layer 'conv'", "groups=1, dilation=1 and padding_mode='zeros' only", "'groups': 2")
+def inject_into_a_grouped_conv(tmp, mp):
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(4, 8, 3, groups=2))
     model.add_module("head", nn.Linear(8, 2))
     return model, lambda: inject_lora(model, LoRAConfig(r=2, target_modules=["conv"]))
 
 
-@case(TargetError, "leaves no layer to adapt", "none (the model has no nn.Linear layer)")
-def inject_all_linear_into_a_model_without_linears(tmp, mp):
+@case(TargetError, "leaves no layer to adapt", "none (the model has no layer of a supported type")
+def inject_all_linear_into_a_model_without_adaptable_layers(tmp, mp):
+    model = nn.Sequential(nn.LayerNorm(4), nn.ReLU())
+    return model, lambda: inject_lora(model, LoRAConfig(r=2))
+
+
+@case(TargetError, "target_modules='all-linear' leaves no layer to adapt", "adaptable layers: 0, 1")
+def inject_all_linear_into_a_model_of_embeddings_and_convs(tmp, mp):
     model = nn.Sequential(nn.Embedding(10, 4), nn.Conv1d(4, 4, 1))
     return model, lambda: inject_lora(model, LoRAConfig(r=2))
 
@@ -277,7 +291,7 @@ def load_weights_file_empty(tmp, mp):
 
 
 @case(
-    AdapterFormatError, "{tmp}/adapter/adapter_model.safetensors", "0.lora_A: dtype torch.int64", "adapters are floats"
+    AdapterFormatError, "{tmp}/adapter/adapter_model.safetensors", "0.lora_A.weight: dtype torch.int64", "adapters are floats"
 )
 def load_integer_adapter_tensors(tmp, mp):
     """Used to be cast to float silently."""
@@ -422,8 +436,8 @@ def fit_with_missing_modules_to_save(tmp, mp):
 
 @case(
     ValueError,
-    "already has LoRA layers with (r, alpha, dropout, use_rslora) [(4, 8, 0.0, False)]",
-    "asks for (8, 16, 0.0, False)",
+    "already has adapter 'default', with AdapterSpec(r=4, alpha=8",
+    "asks for AdapterSpec(r=8, alpha=16",
     "config=None",
 )
 def fit_with_a_config_that_disagrees_with_existing_adapters(tmp, mp):

@@ -48,4 +48,4 @@ def test_a_lora_block_compiles_without_graph_breaks():
     actual = compiled(x)
     torch.testing.assert_close(actual, expected)
     actual.sum().backward()
-    assert block.up_proj.lora_B.weight.grad is not None
+    assert block.up_proj.lora_B["default"].weight.grad is not None

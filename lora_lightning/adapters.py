@@ -1,0 +1,69 @@
+"""Several named adapters on one base model: switch the active one, run without any, delete one.
+
+Every LoRA layer holds its adapters by name and runs the active one; the functions here act on all
+layers of a model at once. `inject_lora` and `load_adapter` add adapters (the newest becomes active),
+`save_adapter` writes one by name, and `mark_only_adapters_trainable(model, name)` trains one while the
+others stay frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from lora_lightning.inject import replace_module
+from lora_lightning.params import adapter_names, lora_layers
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter the model's LoRA layers run (``None`` if none is active)."""
+    active = {layer.active_adapter for _, layer in lora_layers(model)}
+    if len(active) > 1:
+        raise RuntimeError(f"the model's LoRA layers disagree on the active adapter: {sorted(map(str, active))}")
+    return next(iter(active), None)
+
+
+def set_active_adapter(model: nn.Module, name: str) -> None:
+    """Make every LoRA layer run adapter ``name``; layers without it run their base layer alone."""
+    names = adapter_names(model)
+    if name not in names:
+        raise KeyError(f"set_active_adapter: the model has no adapter {name!r}; it has {names}")
+    merged = sorted({layer.merged_adapter for _, layer in lora_layers(model) if layer.merged} - {name})
+    if merged:
+        raise RuntimeError(f"set_active_adapter: adapters {merged} are merged into the base; unmerge them first")
+    for _, layer in lora_layers(model):
+        layer.active_adapter = name
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the ``with`` block (e.g. for a reference output); adapters come
+    back afterwards, also when the block raises."""
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [layer.merged_adapter for layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError(f"disable_adapters: adapter {merged[0]!r} is merged into the base; unmerge it first")
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before, strict=True):
+            layer.disabled = was
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer; a layer left without adapters becomes its base layer again."""
+    layers = list(lora_layers(model, name))
+    if not layers:
+        raise KeyError(f"delete_adapter: the model has no adapter {name!r}; it has {adapter_names(model)}")
+    merged = [n for n, layer in layers if layer.merged_adapter == name]
+    if merged:
+        raise RuntimeError(f"delete_adapter: adapter {name!r} is merged into {merged[:3]}; unmerge it first")
+    for layer_name, layer in layers:
+        layer.delete_adapter(name)
+        if not layer.specs:
+            replace_module(model, layer_name, layer.base_layer)
