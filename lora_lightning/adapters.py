@@ -56,7 +56,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer; a layer left without adapters becomes its base layer again."""
+    """Remove adapter ``name`` from every layer; a layer left without adapters becomes its base layer again.
+    If ``name`` was the active adapter, none is active afterwards (the model runs its base layers) until
+    `set_active_adapter` picks one."""
     layers = list(lora_layers(model, name))
     if not layers:
         raise KeyError(f"delete_adapter: the model has no adapter {name!r}; it has {adapter_names(model)}")
@@ -67,3 +69,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         layer.delete_adapter(name)
         if not layer.specs:
             replace_module(model, layer_name, layer.base_layer)
+    for _, layer in lora_layers(model):  # layers without the adapter named it active too
+        if layer.active_adapter == name:
+            layer.active_adapter = None

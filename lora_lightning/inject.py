@@ -15,10 +15,12 @@ from lora_lightning.layers import LoRALayer, LoRALinear, lora_layer_type
 from lora_lightning.names import canonical_name
 from lora_lightning.params import (
     ParamSummary,
+    adapter_names,
     lora_layers,
     mark_only_adapters_trainable,
     mark_trained_in_full,
     param_summary,
+    trained_in_full_modules,
 )
 
 SUPPORTED_LAYERS = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, transformers' Conv1D (GPT-2)"
@@ -76,14 +78,22 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defau
 def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold adapter ``adapter_name`` (the active one by default) into the base weights and put the plain
     base layers back, dropping any other adapters (zero inference overhead). A 4-bit base is dequantized
-    first: the merged layer is a plain ``nn.Linear`` in the adapter's dtype, and a warning says so."""
+    first: the merged layer is a plain ``nn.Linear`` in the adapter's dtype, and a warning says so. A base
+    weight that is tied to another module (an input embedding and its output head) gets its own copy first,
+    so the merge changes that layer only, and a warning says so."""
     dequantized = Counter()
+    holders = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    untied = []
     for name, layer in list(lora_layers(model)):
         wanted = adapter_name or layer.active_adapter
         if layer.merged and layer.merged_adapter != wanted:
             layer.unmerge()
         if not layer.merged and wanted in layer.specs:
             kind = quant.describe(layer.base_layer) if quant.is_quantized(layer.base_layer) else None
+            weight = layer.base_layer.weight
+            if kind is None and holders[id(weight)] > 1:
+                layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+                untied.append(name)
             layer.merge(wanted)
             if kind:
                 dequantized[f"{kind} -> nn.Linear({layer.base_layer.weight.dtype})"] += 1
@@ -91,6 +101,12 @@ def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     if dequantized:
         counts = ", ".join(f"{n} x {kind}" for kind, n in dequantized.items())
         warnings.warn(f"merge_lora dequantized 4-bit layers to hold the merged weights: {counts}", stacklevel=2)
+    if untied:
+        warnings.warn(
+            f"merge_lora untied the weights of {untied} from the modules they were shared with (e.g. a tied output "
+            "head), which keep the base weights; tying them again (tie_weights()) would undo part of the merge",
+            stacklevel=2,
+        )
     return model
 
 
@@ -129,6 +145,14 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
     merged = [name for name, layer in lora_layers(model) if layer.merged]
     if merged:
         raise TargetError(f"LoRA layers {merged[:3]} have a merged adapter; unmerge them before adding adapters")
+    others = [n for n in adapter_names(model) if n != adapter_name]
+    shared = [n for n, _ in trained_in_full_modules(model)] or config.modules_to_save
+    if others and shared:
+        raise TargetError(
+            f"adapter {adapter_name!r} cannot join adapters {others}: modules_to_save ({shared}) are trained in "
+            "full in place, so every adapter would share them and switching adapters would not switch them; "
+            "use modules_to_save on a model with a single adapter"
+        )
     modules = _visible_modules(model)
     problems: list[str] = []
 

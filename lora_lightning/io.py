@@ -112,7 +112,9 @@ def load_adapter(
     """Load a PEFT-format LoRA adapter into ``model`` as adapter ``adapter_name`` and make it the active one.
     Layers are injected from the saved config unless the model already has that adapter (then its tensors
     are replaced). Adapters come back trainable only with ``trainable=True`` (then the others are frozen);
-    the base stays frozen. Everything is checked before the model is touched."""
+    the base stays frozen. Base weights that PEFT saves beside a targeted embedding's adapter
+    (``save_embedding_layers``) load into that base layer, as in PEFT. Everything is checked before the model
+    is touched."""
     config_file, weights_file = _adapter_files(Path(path))
     peft = _read_peft_config(config_file)
     lora, extra = _split_keys(_read_tensors(weights_file), weights_file)
@@ -161,8 +163,20 @@ def _peft_config(
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     saved = sorted(canonical_name(n) for n, _ in trained_in_full_modules(model))
+    # PEFT matches a target_modules entry and a pattern key also as a dotted suffix ("0" would also pick
+    # "1.0"); a regex target_modules is matched whole, and a pattern key starting with "^" only whole.
+    targets: list[str] | str = sorted(specs)
+    inside = tuple(f"{n}." for n, _ in lora_layers(model))
+    suffixes = {
+        name.split(".", i)[i]
+        for name in (canonical_name(n) for n, _ in model.named_modules() if n and not n.startswith(inside))
+        if name not in specs
+        for i in range(1, name.count(".") + 1)
+    }
+    if suffixes & set(specs):
+        targets = "|".join(re.escape(t) for t in targets)
     return {
-        "alpha_pattern": {re.escape(n): s.alpha for n, s in sorted(specs.items()) if s.alpha != alpha},
+        "alpha_pattern": {"^" + re.escape(n): s.alpha for n, s in sorted(specs.items()) if s.alpha != alpha},
         "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
         "exclude_modules": None,
@@ -176,8 +190,8 @@ def _peft_config(
         "modules_to_save": saved or None,
         "peft_type": "LORA",
         "r": r,
-        "rank_pattern": {re.escape(n): s.r for n, s in sorted(specs.items()) if s.r != r},
-        "target_modules": sorted(specs),
+        "rank_pattern": {"^" + re.escape(n): s.r for n, s in sorted(specs.items()) if s.r != r},
+        "target_modules": targets,
         "task_type": None,
         "use_dora": use_dora,
         "use_rslora": use_rslora,
@@ -308,6 +322,15 @@ def _check_fit(
             f"file's {len(lora)} (e.g. {sorted(set(existing) ^ set(lora))[:3]}); "
             f"delete_adapter(model, {adapter_name!r}) or load it under another adapter_name"
         )
+    merged = sorted({la.merged_adapter for n, la in lora_layers(model) if la.merged and canonical_name(n) not in lora})
+    if merged:  # (merged layers that the file touches are reported below, one by one)
+        problems.append(f"adapters {merged} are merged into the base; unmerge() them before loading {adapter_name!r}")
+    others = [n for n in adapter_names(model) if n != adapter_name]
+    if saved and others:
+        problems.append(
+            f"the file's modules_to_save {saved} are trained in full in place and would be shared with the model's "
+            f"other adapters {others}; load it into a model without other adapters"
+        )
     for name, tensors in sorted(lora.items()):
         module = model.get_submodule(names[name]) if name in names else None
         spec = config.spec_for(names.get(name, name))
@@ -348,7 +371,14 @@ def _check_fit(
     keys = {}
     for key, tensor in sorted(extra.items()):
         owner = next((p for p in saved if key.startswith(p + ".")), None)
-        model_key = names[owner] + key[len(owner) :] if owner else None
+        model_key = target_key = names[owner] + key[len(owner) :] if owner else None
+        layer, base, param = key.rpartition(".base_layer.")
+        if owner is None and base and layer in lora and layer in names:
+            # PEFT also saves the base weight of a targeted embedding (save_embedding_layers); it loads into the
+            # base layer, which is wrapped by the time it is copied
+            owner, target_key = layer, f"{names[layer]}.base_layer.{param}"
+            wrapped = isinstance(model.get_submodule(names[layer]), LoRALayer)
+            model_key = target_key if wrapped else f"{names[layer]}.{param}"
         if owner is None:
             problems.append(
                 f"{key}: neither a LoRA tensor nor a tensor of a module of the model that "
@@ -363,7 +393,7 @@ def _check_fit(
         elif tensor.is_floating_point() != state[model_key].is_floating_point() or tensor.is_complex():
             problems.append(f"{key}: dtype {tensor.dtype} in the file, the model has {state[model_key].dtype}")
         else:
-            keys[key] = model_key
+            keys[key] = target_key
     if problems:
         shown = "\n  - ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise AdapterFormatError(f"load_adapter: {str(file)!r} does not fit this model:\n  - {shown}")

@@ -38,6 +38,7 @@ class LoRALayer(nn.Module):
     adapter_attrs: tuple[str, str] = ("lora_A", "lora_B")
     factor_container: type[nn.Module] = nn.ModuleDict
     _channel_dim = 0
+    _input_dropout = True  # whether ``spec.dropout`` applies to the input (not to an embedding's indices)
 
     def __init__(self, base_layer: nn.Module, spec: AdapterSpec | None = None, adapter_name: str = "default") -> None:
         super().__init__()
@@ -100,7 +101,8 @@ class LoRALayer(nn.Module):
         factory = {"device": self._weight_device(), "dtype": self.adapter_dtype()}
         for attr, factor in zip(self.adapter_attrs, self._new_factors(spec.r, factory), strict=True):
             self._container(attr)[name] = factor
-        self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        applies = spec.dropout > 0 and self._input_dropout
+        self.lora_dropout[name] = nn.Dropout(spec.dropout) if applies else nn.Identity()
         self.specs[name] = spec
         self._init_adapter(name)
         if spec.use_dora:
@@ -394,6 +396,7 @@ class LoRAEmbedding(LoRALayer):
     adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
     factor_container = nn.ParameterDict
     _channel_dim = 1
+    _input_dropout = False
 
     @property
     def in_features(self) -> int:

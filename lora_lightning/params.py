@@ -35,7 +35,8 @@ def lora_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[t
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """The names of the adapters of ``model``, in the order they were added."""
+    """The names of the adapters of ``model``, in the order the model's layers first hold them (which is not
+    necessarily the order they were added)."""
     return list(dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.adapter_names))
 
 

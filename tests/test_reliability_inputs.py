@@ -291,7 +291,10 @@ def load_weights_file_empty(tmp, mp):
 
 
 @case(
-    AdapterFormatError, "{tmp}/adapter/adapter_model.safetensors", "0.lora_A.weight: dtype torch.int64", "adapters are floats"
+    AdapterFormatError,
+    "{tmp}/adapter/adapter_model.safetensors",
+    "0.lora_A.weight: dtype torch.int64",
+    "adapters are floats",
 )
 def load_integer_adapter_tensors(tmp, mp):
     """Used to be cast to float silently."""
