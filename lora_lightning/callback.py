@@ -156,6 +156,7 @@ class LoRAFinetuneCallback(Callback):
                     f"LoRAFinetuneCallback(config=None) needs a module that already has adapter {name!r}; "
                     f"it has {adapter_names(pl_module)}"
                 )
+            _refuse_sharded(pl_module)
             rank_zero_info(f"LoRAFinetuneCallback: {inject_lora(pl_module, self.config, name)}")
         else:
             _check_existing_adapters(pl_module, self.config, name)
@@ -201,6 +202,19 @@ def _check_existing_adapters(module: nn.Module, config: LoRAConfig | None, name:
                 f"LoRAFinetuneCallback(config=...) asks for {wanted}; pass config=None to train the existing "
                 "adapter, or give the new one another adapter_name"
             )
+
+
+def _refuse_sharded(module: nn.Module) -> None:
+    """Adapters injected after FSDP2's ``fully_shard`` would be plain tensors that no rank shares: every rank
+    would silently train its own. Injection must come first."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        raise RuntimeError(
+            "LoRAFinetuneCallback: the module's parameters are already sharded (fully_shard ran in configure_model), "
+            "so adapters injected now would not be sharded or synchronised; call inject_lora(self, config) in "
+            "configure_model before fully_shard and pass LoRAFinetuneCallback(None) (docs/multi_gpu.md)"
+        )
 
 
 def _loraplus_optimizer(

@@ -15,7 +15,9 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 def run(out: Path, epochs: int, ckpt: str | None = None) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(WORKER.parent)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(WORKER.parent), str(WORKER.parent.parent), *filter(None, [env.get("PYTHONPATH")])]
+    )
     command = [sys.executable, str(WORKER), str(out), str(epochs), *([ckpt] if ckpt else [])]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -28,7 +30,8 @@ def test_ddp_trains_adapters_only_checkpoints_once_and_resumes(tmp_path):
     assert ranks[0]["adapter_sum"] == ranks[1]["adapter_sum"]  # DDP kept the replicas in step
     assert all(r["frozen_moved"] == [] for r in ranks)
     assert set(ranks[0]["params_with_grad"]) == {
-        "net.0.lora_A.default.weight", "net.0.lora_B.default.weight", "net.2.lora_A.default.weight", "net.2.lora_B.default.weight",
+        "net.0.lora_A.default.weight", "net.0.lora_B.default.weight",
+        "net.2.lora_A.default.weight", "net.2.lora_B.default.weight",
         "net.4.weight", "net.4.bias",
     }  # fmt: skip
     checkpoints = sorted(p.name for p in (tmp_path / "first" / "ckpt").iterdir())
