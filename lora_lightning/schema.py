@@ -87,6 +87,7 @@ class TrainSchema:
     data: Any = MISSING
     lora: LoRASchema = field(default_factory=LoRASchema)  # type: ignore[valid-type]
     optimizer: Any = MISSING
+    loraplus_lr_ratio: Optional[float] = None  # noqa: UP045
     scheduler: Any = None
     trainer: Any = MISSING
     logger: Any = None

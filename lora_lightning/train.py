@@ -195,7 +195,9 @@ def build_trainer(
         return {"scheduler": factory(opt, total_steps=trainer.estimated_stepping_batches), "interval": "step"}
 
     scheduler = make_scheduler if cfg.get("scheduler") else None
-    lora_callback = LoRAFinetuneCallback(lora_config, optimizer=optimizer, lr_scheduler=scheduler)
+    lora_callback = LoRAFinetuneCallback(
+        lora_config, optimizer=optimizer, lr_scheduler=scheduler, loraplus_lr_ratio=cfg.get("loraplus_lr_ratio")
+    )
     trainer = instantiate(cfg.trainer, callbacks=[*callbacks, lora_callback, *extra_callbacks], logger=loggers or False)
     return trainer
 
