@@ -163,7 +163,10 @@ class LoRALayer(nn.Module):
         if out is not None:
             return out
         out = self.base_layer(x, *args, **kwargs)
-        update = self._update(self.lora_dropout[name](x), name)
+        # Adapters keep their own dtype (a 4-bit base's compute dtype); the update joins the base output's.
+        adapter_dtype = self.factors(name)[0].dtype
+        x = x.to(adapter_dtype) if x.is_floating_point() else x
+        update = self._update(self.lora_dropout[name](x), name).to(out.dtype)
         if not spec.use_dora:
             # The base output is not saved for backward, so the update can be accumulated in place.
             return out.add_(update, alpha=spec.scaling)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lora_lightning import quant
 from lora_lightning.layers import LoRALayer
 
 # Attribute set on a module listed in `LoRAConfig.modules_to_save`: trained in full and saved with the adapter.
@@ -83,9 +84,11 @@ def mark_only_adapters_trainable(model: nn.Module, adapter_name: str | None = No
 
 
 def param_summary(model: nn.Module) -> ParamSummary:
+    """Parameter counts; a 4-bit layer's packed weight counts as the ``in x out`` weights it stands for."""
     params = list(model.parameters())  # shared (tied) parameters counted once
+    unpacked = {id(m.weight): m.in_features * m.out_features for m in model.modules() if quant.is_quantized(m)}
     return ParamSummary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
+        total=sum(unpacked.get(id(p), p.numel()) for p in params),
         adapter=sum(p.numel() for p in adapter_parameters(model)),
     )

@@ -36,7 +36,7 @@ BLOCKSIZE = 64  # weights per NF4 scale, as in the QLoRA paper (both kinds)
 MAX_SCALER_BLOCKSIZE = 256  # torchao: block scales per second-level scale
 INSTALL_HINT = "pip install 'lora-lightning[quant]'"
 _PACKAGES = {"bnb-nf4": "bitsandbytes", "torchao-nf4": "torchao"}
-# torchao moved NF4Tensor from torchao.dtypes.nf4tensor (<= 0.13) to torchao.quantization (0.14+)
+# where torchao keeps NF4Tensor: 0.18 (the pinned one), and releases before it
 _NF4_MODULES = ("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", "torchao.dtypes.nf4tensor")
 _SHORT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -167,7 +167,7 @@ def is_quantized(layer: nn.Module) -> bool:
 
 
 def compute_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype a quantized layer computes in (the dtype for adapters on it)."""
+    """The dtype a quantized layer computes in: its input is cast to it, and its output cast back."""
     _check_quantized(layer, "compute_dtype")
     if isinstance(layer, NF4Linear):
         return layer.compute_dtype
