@@ -40,7 +40,7 @@ class LoRAConfig:
         dropout: dropout probability on the adapter's input, in ``[0, 1)``.
         target_modules: which layers get adapters: a list of exact module names or dotted suffixes
             (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), a regular expression matched
-            against the full module name, or ``"all-linear"`` (every ``nn.Linear`` except the output head).
+            against the full module name, or ``"all-linear"`` (every linear layer except the output head).
         exclude_modules: layers never adapted, in the same forms as ``target_modules``.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         modules_to_save: modules trained in full beside the adapters (e.g. a new classifier head),

@@ -228,19 +228,26 @@ def _visible_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _output_heads(model: nn.Module) -> set[str]:
-    """The output projection that 'all-linear' leaves alone: the module any (sub)model reports from
-    ``get_output_embeddings()`` (Hugging Face models), else the last ``nn.Linear`` of the model."""
+    """The output layers that 'all-linear' leaves alone. Hugging Face models name theirs: the module any of them
+    reports from ``get_output_embeddings()``, else a task head called ``classifier`` or ``score``; a headless
+    backbone has none, so all its layers are adapted, as PEFT does. Outside Hugging Face models, the last
+    linear layer is taken for the head (a plain ``nn.Module``, or a head put on top of a backbone)."""
     named = list(model.named_modules())
+    hf_models = [n for n, m in named if callable(getattr(m, "get_output_embeddings", None))]
     heads = set()
-    for _, module in named:
-        getter = getattr(module, "get_output_embeddings", None)
-        head = getter() if callable(getter) else None
+    for name in hf_models:
+        head = model.get_submodule(name).get_output_embeddings()
         if isinstance(head, nn.Module):
             heads.update(n for n, m in named if m is head)
-    if not heads:
-        linears = [n for n, m in _visible_modules(model).items() if lora_layer_type(m) is LoRALinear]
-        heads.update(linears[-1:])
-    return heads
+    if heads:
+        return heads
+    linears = [n for n, m in _visible_modules(model).items() if lora_layer_type(m) is LoRALinear]
+    task_heads = {f"{n}.{leaf}".lstrip(".") for n in hf_models for leaf in ("classifier", "score")}
+    heads.update(n for n in linears if n in task_heads)
+    if heads:
+        return heads
+    outside = [n for n in linears if not any(n.startswith(f"{h}.") or not h for h in hf_models)]
+    return set(outside[-1:])
 
 
 def _candidates(modules: dict[str, nn.Module], limit: int = 20) -> str:

@@ -271,8 +271,11 @@ def bert_mlm(seed: int = 0) -> nn.Module:
         (gpt2, "CAUSAL_LM", "lm_head"),
         (bert, "SEQ_CLS", "classifier"),
         (bert_mlm, None, "cls.predictions.decoder"),
+        (lambda seed: transformers.GPT2Model(gpt2(seed).config), None, None),
+        (lambda seed: transformers.BertModel(bert_config()), None, None),
+        (lambda seed: transformers.LlamaModel(make_llama(seed).config), None, None),
     ],
-    ids=["llama", "gpt2", "bert_seq_cls", "bert_mlm"],
+    ids=["llama", "gpt2", "bert_seq_cls", "bert_mlm", "gpt2_headless", "bert_headless", "llama_headless"],
 )
 @pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")  # PEFT's own GPT-2 injection says so
 def test_all_linear_picks_what_peft_picks(build, task_type, head):
@@ -282,4 +285,21 @@ def test_all_linear_picks_what_peft_picks(build, task_type, head):
     theirs = peft.get_peft_model(build(0), config)
     adapted = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
     assert set(ours) == adapted
-    assert head not in ours and head in dict(build(0).named_modules())
+    if head is None:  # a headless backbone: every linear layer, its last block's and the pooler's included
+        assert len(ours) == sum(type(m).__name__ in ("Linear", "Conv1D") for m in build(0).modules())
+    else:
+        assert head not in ours and head in dict(build(0).named_modules())
+
+
+def test_all_linear_leaves_a_head_put_on_a_backbone_alone():
+    """Outside Hugging Face models the last linear layer is taken for the head, e.g. a LightningModule's own
+    classifier over a headless encoder, whose pooler is adapted."""
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = transformers.BertModel(bert_config())
+            self.head = nn.Linear(bert_config().hidden_size, 2)
+
+    targets = find_targets(Classifier(), LoRAConfig(target_modules="all-linear"))
+    assert "head" not in targets and "encoder.pooler.dense" in targets
