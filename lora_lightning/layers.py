@@ -170,7 +170,7 @@ class LoRALayer(nn.Module):
         if not spec.use_dora:
             # The base output is not saved for backward, so the update can be accumulated in place.
             return out.add_(update, alpha=spec.scaling)
-        scale = self.lora_magnitude_vector[name] / self._weight_norm(name).detach()
+        scale = (self.lora_magnitude_vector[name] / self._weight_norm(name).detach()).to(out.dtype)
         bias = getattr(self.base_layer, "bias", None)
         unbiased = out if bias is None else out - self._channel_view(bias)
         return out + (scale - 1) * unbiased + (scale * spec.scaling) * update

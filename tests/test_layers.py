@@ -4,6 +4,7 @@ from torch import nn
 
 from lora_lightning import AdapterSpec, LoRALinear
 from lora_lightning.functional import lora_linear
+from lora_lightning.layers import lora_layer_type
 
 
 def make_layer(dtype=torch.float32, **kwargs) -> LoRALinear:
@@ -156,3 +157,17 @@ def test_fused_dropout_statistics():
     dropped = lora_linear(ones, torch.zeros(1, 1, dtype=torch.float64), None, one, one, 1.0, 0.25)
     assert set(dropped.unique().tolist()) <= {0.0, 1 / 0.75}
     assert dropped.mean().item() == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv"])
+def test_dora_keeps_a_bf16_layer_in_bf16(kind):
+    """DoRA's weight norm is computed in fp32; its scale must not promote a bf16 layer's output to fp32."""
+    base, x = {
+        "linear": (nn.Linear(12, 20), torch.randn(3, 12)),
+        "embedding": (nn.Embedding(30, 20), torch.randint(0, 30, (3, 5))),
+        "conv": (nn.Conv1d(12, 20, 3), torch.randn(3, 12, 9)),
+    }[kind]
+    base = base.to(torch.bfloat16)
+    layer = lora_layer_type(base)(base, AdapterSpec(r=4, alpha=8, use_dora=True))
+    out = layer(x.to(torch.bfloat16) if x.is_floating_point() else x)
+    assert out.dtype == torch.bfloat16
