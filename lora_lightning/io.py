@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,12 @@ def save_adapter(
     adapter_name: str | None = None,
     overwrite: bool = False,
     base_model_name_or_path: str | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` (the active one by default) of ``model`` as a PEFT folder at ``path``.
     Keys are relative to ``model``: pass the module PEFT will wrap (e.g. the Hugging Face model inside a
-    LightningModule)."""
+    LightningModule). ``state_dict`` (keyed like ``model.state_dict()``) supplies the tensors instead of the
+    model's own, e.g. the full tensors an FSDP strategy gathered from the ranks' shards."""
     path = Path(path)
     if adapter_name is None:
         adapter_name = active_adapter(model) if list(lora_layers(model)) else None
@@ -87,13 +90,24 @@ def save_adapter(
             "folder, so it only replaces adapter folders; choose an empty or new path"
         )
     config = _peft_config(model, layers, adapter_name, base_model_name_or_path)
-    tensors = {}
+    full = None if state_dict is None else {canonical_name(k): v for k, v in state_dict.items()}
+    own: dict[str, tuple[str, torch.Tensor]] = {}  # model key -> (file key, the model's own tensor)
     for name, layer in layers:
         for file_key, tensor in layer.adapter_tensors(adapter_name).items():
-            tensors[f"{PEFT_PREFIX}{canonical_name(name)}.{file_key}"] = tensor.detach().contiguous().cpu()
+            own[canonical_name(f"{name}.{layer.state_key(adapter_name, file_key)}")] = (
+                f"{canonical_name(name)}.{file_key}",
+                tensor,
+            )
     for name, module in trained_in_full_modules(model):
         for key, tensor in module.state_dict(prefix=f"{name}.").items():
-            tensors[PEFT_PREFIX + canonical_name(key)] = tensor.detach().contiguous().cpu()
+            own[canonical_name(key)] = (canonical_name(key), tensor)
+    missing = sorted(set(own) - set(full)) if full is not None else []
+    if missing:
+        raise AdapterFormatError(f"save_adapter: state_dict lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
+    tensors = {
+        PEFT_PREFIX + file_key: (tensor if full is None else full[key]).detach().contiguous().cpu()
+        for key, (file_key, tensor) in own.items()
+    }
 
     def write(folder: Path) -> None:
         save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})

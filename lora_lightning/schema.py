@@ -97,6 +97,7 @@ class TrainSchema:
     seed: Optional[int] = 42  # noqa: UP045
     train: bool = True
     eval_before: bool = True
+    eval_after: bool = True
     save_adapter: bool = True
     log_adapter_artifact: bool = False
     optimized_metric: Optional[str] = None  # noqa: UP045

@@ -77,16 +77,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             metrics["train_time_s"] = round(time.perf_counter() - fit_started, 2)
             metrics.update(stats.summary())
-        metrics["after"] = evaluate(trainer, module, datamodule, None if cfg.train else cfg.ckpt_path)
-        report(trainer, f"held-out {metric_name} after training", metrics["after"], metric_name)
-        metrics["metric"] = metrics["after"].get(metric_name, math.nan)
+        if cfg.eval_after:
+            metrics["after"] = evaluate(trainer, module, datamodule, None if cfg.train else cfg.ckpt_path)
+            report(trainer, f"held-out {metric_name} after training", metrics["after"], metric_name)
+        metrics["metric"] = metrics.get("after", {}).get(metric_name, math.nan)
         metrics["params"] = trainable_counts(module)
 
         if cfg.save_adapter and cfg.train:
             adapter_dir = info.output_dir / ADAPTER_DIR
+            # Every rank joins the gather of a sharded strategy (FSDP); rank 0 gets the full tensors.
+            state = trainer.strategy.lightning_module_state_dict()
             if trainer.is_global_zero:
+                prefix = "model."
                 save_adapter(
-                    module.model, adapter_dir, overwrite=True, base_model_name_or_path=module.base_model_name_or_path
+                    module.model,
+                    adapter_dir,
+                    overwrite=True,
+                    base_model_name_or_path=module.base_model_name_or_path,
+                    state_dict={k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
                 )
                 log.info("adapter saved to %s (PEFT format; load with lora_lightning.load_adapter)", adapter_dir)
             metrics["adapter_dir"] = str(adapter_dir)

@@ -103,7 +103,7 @@ def test_a_module_sharded_before_injection_is_refused(tmp_path):
         layer = module.model.model.layers[0].self_attn.q_proj
         mesh = init_device_mesh("cpu", (1,))
         layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh), requires_grad=False)
-        with pytest.raises(RuntimeError, match="already sharded.*before fully_shard"):
+        with pytest.raises(RuntimeError, match=r"already sharded.*before fully_shard"):
             _refuse_sharded(module)
         _refuse_sharded(LlamaModule())  # an unsharded module passes
     finally:

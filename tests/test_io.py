@@ -649,3 +649,18 @@ def test_overwrite_refuses_a_folder_with_other_files(tmp_path):
     with pytest.raises(FileExistsError, match=r"holds other files \['train.py'\]"):
         save_adapter(model, project, overwrite=True)
     assert sorted(p.name for p in project.iterdir()) == ["train.py"]
+
+
+def test_save_takes_tensors_from_a_gathered_state_dict(tmp_path):
+    """What an FSDP strategy gathers on rank 0 (full tensors, wrapper-free keys) is what gets written, while the
+    model's own (sharded) tensors only give the structure; a state dict lacking an adapter tensor is refused."""
+    model = adapted_mlp(modules_to_save=["4"])
+    gathered = {f"_fsdp_wrapped_module.{k}": v + 1.0 for k, v in model.state_dict().items()}
+    save_adapter(model, tmp_path / "gathered", state_dict=gathered)
+    tensors = load_file(tmp_path / "gathered" / WEIGHTS_NAME)
+    assert torch.equal(tensors[f"{PREFIX}0.lora_B.weight"], model[0].lora_B["default"].weight.detach() + 1.0)
+    assert torch.equal(tensors[f"{PREFIX}4.bias"], model[4].bias.detach() + 1.0)
+    del gathered["_fsdp_wrapped_module.2.lora_A.default.weight"]
+    with pytest.raises(AdapterFormatError, match=r"state_dict lacks 1 adapter tensors, e.g. \['2.lora_A.default"):
+        save_adapter(model, tmp_path / "partial", state_dict=gathered)
+    assert not (tmp_path / "partial").exists()
