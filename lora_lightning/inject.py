@@ -20,6 +20,7 @@ from lora_lightning.params import (
     mark_only_adapters_trainable,
     mark_trained_in_full,
     param_summary,
+    tied_parameter_ids,
     trained_in_full_modules,
 )
 
@@ -82,7 +83,7 @@ def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     weight that is tied to another module (an input embedding and its output head) gets its own copy first,
     so the merge changes that layer only, and a warning says so."""
     dequantized = Counter()
-    holders = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = tied_parameter_ids(model)
     untied = []
     for name, layer in list(lora_layers(model)):
         wanted = adapter_name or layer.active_adapter
@@ -91,7 +92,7 @@ def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         if not layer.merged and wanted in layer.specs:
             kind = quant.describe(layer.base_layer) if quant.is_quantized(layer.base_layer) else None
             weight = layer.base_layer.weight
-            if kind is None and holders[id(weight)] > 1:
+            if kind is None and id(weight) in tied:
                 layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
                 untied.append(name)
             layer.merge(wanted)

@@ -33,6 +33,7 @@ from lora_lightning.params import (
     lora_layers,
     mark_only_adapters_trainable,
     mark_trained_in_full,
+    named_adapter_tensors,
     param_summary,
     trained_in_full_modules,
 )
@@ -91,13 +92,10 @@ def save_adapter(
         )
     config = _peft_config(model, layers, adapter_name, base_model_name_or_path)
     full = None if state_dict is None else {canonical_name(k): v for k, v in state_dict.items()}
-    own: dict[str, tuple[str, torch.Tensor]] = {}  # model key -> (file key, the model's own tensor)
-    for name, layer in layers:
-        for file_key, tensor in layer.adapter_tensors(adapter_name).items():
-            own[canonical_name(f"{name}.{layer.state_key(adapter_name, file_key)}")] = (
-                f"{canonical_name(name)}.{file_key}",
-                tensor,
-            )
+    own = {  # model key -> (file key, the model's own tensor)
+        canonical_name(key): (canonical_name(file_key), tensor)
+        for key, file_key, tensor in named_adapter_tensors(model, adapter_name)
+    }
     for name, module in trained_in_full_modules(model):
         for key, tensor in module.state_dict(prefix=f"{name}.").items():
             own[canonical_name(key)] = (canonical_name(key), tensor)

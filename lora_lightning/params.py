@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,22 +53,32 @@ def trained_in_full_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]
             yield name, module
 
 
+def named_adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, str, nn.Parameter]]:
+    """``(state_dict key, PEFT file key, tensor)`` for every tensor (``A``, ``B``, DoRA magnitude) of adapter
+    ``adapter_name``, or of every adapter; both keys are relative to ``model``."""
+    for name, layer in lora_layers(model, adapter_name):
+        prefix = f"{name}." if name else ""
+        for adapter in [adapter_name] if adapter_name else layer.adapter_names:
+            for file_key, tensor in layer.adapter_tensors(adapter).items():
+                yield prefix + layer.state_key(adapter, file_key), prefix + file_key, tensor
+
+
 def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.Parameter]:
     """The trainable tensors (``A``, ``B``, DoRA magnitudes) of adapter ``adapter_name``, or of every adapter."""
-    for _, layer in lora_layers(model, adapter_name):
-        for name in [adapter_name] if adapter_name else layer.adapter_names:
-            yield from layer.adapter_tensors(name).values()
+    for _, _, tensor in named_adapter_tensors(model, adapter_name):
+        yield tensor
+
+
+def tied_parameter_ids(model: nn.Module) -> set[int]:
+    """``id``s of the parameters more than one module holds (e.g. an output head tied to the embeddings)."""
+    holders = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {key for key, count in holders.items() if count > 1}
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """What a LoRA fine-tune changes: the tensors of adapter ``adapter_name`` (or of every adapter) and of
     ``modules_to_save``, keyed as in ``model.state_dict()`` (detached; no copies)."""
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers(model, adapter_name):
-        prefix = f"{name}." if name else ""
-        for adapter in [adapter_name] if adapter_name else layer.adapter_names:
-            for file_key, tensor in layer.adapter_tensors(adapter).items():
-                state[prefix + layer.state_key(adapter, file_key)] = tensor.detach()
+    state = {key: tensor.detach() for key, _, tensor in named_adapter_tensors(model, adapter_name)}
     for name, module in trained_in_full_modules(model):
         state.update(module.state_dict(prefix=f"{name}." if name else "", keep_vars=False))
     return state

@@ -97,7 +97,9 @@ def quantize_linears(
         raise TypeError(f"skip={skip!r}: must be a list of module names or dotted suffixes (or None)")
     _require(kind)
 
-    from lora_lightning.params import lora_layers  # here: the LoRA layers import this module
+    # imported here: the LoRA layers import this module
+    from lora_lightning.inject import _output_heads, matches, replace_module
+    from lora_lightning.params import lora_layers, tied_parameter_ids
 
     existing = [name for name, _ in lora_layers(model)]
     if existing:
@@ -106,15 +108,13 @@ def quantize_linears(
         )
     modules = {name: module for name, module in model.named_modules() if name}
     if skip is None:
-        from lora_lightning.inject import _output_heads
-
         skipped = _output_heads(model)
     else:
-        unmatched = [entry for entry in skip if not any(_matches(name, entry) for name in modules)]
+        unmatched = [entry for entry in skip if not any(matches(name, [entry]) for name in modules)]
         if unmatched:
             raise ValueError(f"skip: {unmatched} match no module of the model")
-        skipped = {name for name in modules if any(_matches(name, entry) for entry in skip)}
-    tied = _tied_weights(model)
+        skipped = {name for name in modules if matches(name, list(skip))}
+    tied = tied_parameter_ids(model)
     targets = [
         name
         for name, module in modules.items()
@@ -150,10 +150,7 @@ def quantize_linears(
     build = _bnb_linear if kind == "bnb-nf4" else NF4Linear.from_linear
     with torch.no_grad():
         for name in targets:
-            old = modules[name]
-            new = build(old, dtype)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+            replace_module(model, name, build(modules[name], dtype))
     return targets
 
 
@@ -311,18 +308,6 @@ def _is_nf4_tensor(value: object) -> bool:
 def _check_quantized(layer: nn.Module, what: str) -> None:
     if not is_quantized(layer):
         raise TypeError(f"{what}(): {type(layer).__name__} is not a 4-bit layer (bnb Linear4bit or torchao NF4)")
-
-
-def _matches(name: str, entry: str) -> bool:
-    return name == entry or name.endswith("." + entry)
-
-
-def _tied_weights(model: nn.Module) -> set[int]:
-    """ids of parameters that more than one module holds (e.g. an LM head tied to the embeddings)."""
-    seen: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        seen[id(param)] = seen.get(id(param), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
 
 
 def _bnb_cpu_shape_ok(layer: nn.Linear) -> bool:
