@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_lightning.adapters import active_adapter
+from lora_lightning.adapters import active_adapter, set_active_adapter
 from lora_lightning.config import _INIT, LoRAConfig, _is_positive_finite
 from lora_lightning.inject import InjectionReport, find_targets, inject_lora, matches
 from lora_lightning.layers import LoRALayer, lora_layer_type
@@ -153,8 +153,7 @@ def load_adapter(
             state[extra_keys[key]].copy_(tensor)
     for name in saved:  # also when the LoRA layers already existed, so a later save keeps them
         mark_trained_in_full(model.get_submodule(names[name]))
-    for _, layer in lora_layers(model):
-        layer.active_adapter = adapter_name
+    set_active_adapter(model, adapter_name)
     if trainable:
         mark_only_adapters_trainable(model, adapter_name)
     else:
@@ -170,8 +169,8 @@ def _peft_config(
     if len(shared) > 1:
         raise NotImplementedError(f"save_adapter: layers with different dropout/rslora/dora/init {sorted(shared)}")
     (dropout, use_rslora, use_dora, init), _ = shared.most_common(1)[0]
-    (r, _), _ = Counter((s.r, None) for s in specs.values()).most_common(1)[0]
-    (alpha, _), _ = Counter((s.alpha, None) for s in specs.values()).most_common(1)[0]
+    r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
+    alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     saved = sorted(canonical_name(n) for n, _ in trained_in_full_modules(model))

@@ -130,7 +130,7 @@ class LoRALayer(nn.Module):
         tensors = {}
         for attr in self.adapter_attrs:
             factor = self._container(attr)[name]
-            tensors[f"{attr}.weight" if isinstance(factor, nn.Module) else attr] = _weight(factor)
+            tensors[_file_key(attr, factor)] = _weight(factor)
         if name in self.lora_magnitude_vector:
             tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return tensors
@@ -140,8 +140,7 @@ class LoRALayer(nn.Module):
         with torch.device("meta"):
             factors = self._new_factors(spec.r, {"dtype": torch.float32})
             shapes = {
-                f"{attr}.weight" if isinstance(f, nn.Module) else attr: tuple(_weight(f).shape)
-                for attr, f in zip(self.adapter_attrs, factors, strict=True)
+                _file_key(attr, f): tuple(_weight(f).shape) for attr, f in zip(self.adapter_attrs, factors, strict=True)
             }
         if spec.use_dora:
             shapes["lora_magnitude_vector"] = self._magnitude_shape()
@@ -194,7 +193,7 @@ class LoRALayer(nn.Module):
         name = self._name(name)
         weight = self.base_weight() + self.delta_weight(name)
         if self.specs[name].use_dora:
-            self._dora_merge_scale = self.lora_magnitude_vector[name].float() / self._weight_norm(name).float()
+            self._dora_merge_scale = self.lora_magnitude_vector[name].float() / self._channel_norm(weight)
             weight = weight * self._dora_merge_scale.reshape(self._weight_scale_shape())
         self._set_base_weight(weight)
         self.merged_adapter = name
@@ -227,7 +226,10 @@ class LoRALayer(nn.Module):
 
     def _weight_norm(self, name: str) -> torch.Tensor:
         """``||W + s ΔW||`` per output channel, shaped like the magnitude vector."""
-        weight = self.base_weight() + self.delta_weight(name)
+        return self._channel_norm(self.base_weight() + self.delta_weight(name))
+
+    def _channel_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """The norm of each output channel of ``weight`` (in the base weight's layout), shaped like the magnitude."""
         dims = [d for d in range(weight.dim()) if d != self._channel_dim]
         return torch.linalg.vector_norm(weight, dim=dims).reshape(self._magnitude_shape())
 
@@ -490,6 +492,11 @@ def lora_layer_type(module: nn.Module) -> type[LoRALayer] | None:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return LoRAConv
     return None
+
+
+def _file_key(attr: str, factor: nn.Module | nn.Parameter) -> str:
+    """A factor's name in a PEFT file: ``lora_A.weight`` for a module, ``lora_embedding_A`` for a bare tensor."""
+    return f"{attr}.weight" if isinstance(factor, nn.Module) else attr
 
 
 def _weight(factor: nn.Module | nn.Parameter) -> nn.Parameter:
