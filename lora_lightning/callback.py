@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lora_lightning.adapters import set_active_adapter
 from lora_lightning.checkpoint_io import SafeCheckpointIO, check_checkpoint_dirs_writable
-from lora_lightning.config import LoRAConfig, _is_positive_finite
+from lora_lightning.config import LoRAConfig, _is_positive_finite, is_adapter_name
 from lora_lightning.inject import inject_lora
 from lora_lightning.names import canonical_name
 from lora_lightning.params import (
@@ -80,7 +80,7 @@ class LoRAFinetuneCallback(Callback):
                     "LoRAFinetuneCallback(loraplus_lr_ratio=...) needs optimizer=... (a factory) to build the "
                     "LoRA+ param groups"
                 )
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        if not is_adapter_name(adapter_name):
             raise ValueError(
                 f"LoRAFinetuneCallback(adapter_name={adapter_name!r}) must be a non-empty name without dots"
             )

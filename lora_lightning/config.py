@@ -209,6 +209,11 @@ def _name_problems(field_name: str, value: Any) -> Iterable[str]:
         yield f"{field_name}={value!r}: entries must be non-empty strings, got {bad!r}"
 
 
+def is_adapter_name(value: Any) -> bool:
+    """A usable adapter name: a non-empty string without dots (it becomes one segment of state-dict keys)."""
+    return isinstance(value, str) and bool(value) and "." not in value
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lora_lightning import quant
-from lora_lightning.config import ALL_LINEAR, LoRAConfig
+from lora_lightning.config import ALL_LINEAR, LoRAConfig, is_adapter_name
 from lora_lightning.layers import LoRALayer, LoRALinear, lora_layer_type
 from lora_lightning.names import canonical_name
 from lora_lightning.params import (
@@ -135,7 +135,7 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
             f"config must be a LoRAConfig, got {type(config).__name__}; build one with LoRAConfig(r=8, ...) "
             "or LoRAConfig.from_dict(values)"
         )
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+    if not is_adapter_name(adapter_name):
         raise ValueError(f"adapter_name={adapter_name!r}: must be a non-empty name without dots, e.g. 'default'")
     existing = [name for name, _ in lora_layers(model, adapter_name)]
     if existing:
