@@ -6,7 +6,7 @@ memory, status) and sweep_report.png (metric against rank, one line per alpha) i
 
 import sys
 
-from lora_lightning.sweep_report import main
+from lora_lightning.app.sweep_report import main
 
 if __name__ == "__main__":
     sys.exit(main())

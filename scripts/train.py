@@ -1,4 +1,4 @@
-"""Train with LoRA as configured in conf/ (Hydra): the task is lora_lightning.train.train(cfg).
+"""Train with LoRA as configured in conf/ (Hydra): the task is lora_lightning.app.train.train(cfg).
 
 python scripts/train.py                                   # the main job: MiniLM + LoRA sentiment
 python scripts/train.py lora.r=16 lora.alpha=32 trainer.max_epochs=2
@@ -7,7 +7,7 @@ python scripts/train.py experiment=smollm2_lm             # causal-LM LoRA on Sm
 python scripts/train.py --cfg job                         # print the composed config
 """
 
-from lora_lightning.train import main
+from lora_lightning.app.train import main
 
 if __name__ == "__main__":
     main()

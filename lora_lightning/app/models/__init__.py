@@ -1,0 +1,24 @@
+"""Task modules (LightningModules) and loaders for the networks they wrap."""
+
+from lora_lightning.app.models.backbones import (
+    Backbone,
+    from_pretrained,
+    packaged_minilm,
+    packaged_smollm2,
+    tiny_causal_lm,
+    tiny_encoder,
+)
+from lora_lightning.app.models.causal_lm import CausalLM
+from lora_lightning.app.models.classifier import MeanPoolClassifier, SequenceClassifier
+
+__all__ = [
+    "Backbone",
+    "CausalLM",
+    "MeanPoolClassifier",
+    "SequenceClassifier",
+    "from_pretrained",
+    "packaged_minilm",
+    "packaged_smollm2",
+    "tiny_causal_lm",
+    "tiny_encoder",
+]

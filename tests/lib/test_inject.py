@@ -1,0 +1,181 @@
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from lora_lightning import (
+    LoRAConfig,
+    LoRALinear,
+    TargetError,
+    adapter_parameters,
+    find_targets,
+    inject_lora,
+    merge_lora,
+    unload_lora,
+)
+from tests.helpers.adapters import assert_unchanged, snapshot
+from tests.helpers.models import make_llama, make_mlp
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama_layer_names(*leaves: str, layers: int = 2) -> list[str]:
+    block = {
+        "q_proj": "self_attn",
+        "k_proj": "self_attn",
+        "v_proj": "self_attn",
+        "o_proj": "self_attn",
+        "gate_proj": "mlp",
+        "up_proj": "mlp",
+        "down_proj": "mlp",
+    }
+    return [f"model.layers.{i}.{block[leaf]}.{leaf}" for i in range(layers) for leaf in leaves]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"target_modules": "all-linear"}, llama_layer_names(*LLAMA_LINEARS)),
+        ({"target_modules": ["q_proj", "v_proj"]}, llama_layer_names("q_proj", "v_proj")),
+        ({"target_modules": ["self_attn.o_proj"]}, llama_layer_names("o_proj")),
+        ({"target_modules": ["model.layers.1.mlp.up_proj"]}, ["model.layers.1.mlp.up_proj"]),
+        ({"target_modules": r"model\.layers\.0\..*_proj"}, llama_layer_names(*LLAMA_LINEARS, layers=1)),
+        ({"target_modules": r".*\.(q|k)_proj"}, llama_layer_names("q_proj", "k_proj")),
+        (
+            {"target_modules": "all-linear", "exclude_modules": ["mlp.down_proj", "o_proj"]},
+            llama_layer_names("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+        ),
+        (
+            {"target_modules": "all-linear", "exclude_modules": r".*\.layers\.1\..*"},
+            llama_layer_names(*LLAMA_LINEARS, layers=1),
+        ),
+        ({"target_modules": ["q_proj", "lm_head"]}, [*llama_layer_names("q_proj"), "lm_head"]),
+    ],
+)
+def test_target_matching_on_llama(kwargs, expected):
+    assert sorted(find_targets(make_llama(), LoRAConfig(**kwargs))) == sorted(expected)
+
+
+def test_all_linear_skips_the_last_linear_of_a_plain_model():
+    assert find_targets(make_mlp(), LoRAConfig()) == ["0", "2"]
+
+
+def test_modules_to_save_are_trained_in_full_and_not_adapted():
+    model = make_mlp()
+    report = inject_lora(model, LoRAConfig(r=2, target_modules="[024]", modules_to_save=["4"]))
+    assert report.targets == ["0", "2"] and report.modules_to_save == ["4"]
+    assert isinstance(model[4], nn.Linear) and all(p.requires_grad for p in model[4].parameters())
+
+
+def test_inject_freezes_the_base_and_counts_parameters():
+    model = make_llama()
+    total_before = sum(p.numel() for p in model.parameters())
+    report = inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    # q_proj: 32 -> 32, v_proj: 32 -> 16 (2 KV heads of 8): A [4, 32] + B [out, 4]
+    expected_adapter = 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))
+    assert report.params.adapter == report.params.trainable == expected_adapter
+    assert report.params.total == total_before + expected_adapter
+    assert "LoRA on 4 layers" in str(report)
+
+
+def test_injected_model_is_unchanged_at_step_zero():
+    model = make_llama()
+    tokens = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        inject_lora(model, LoRAConfig(r=4))
+        assert torch.equal(model(tokens).logits, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_modules": ["q_proj", "qkv_proj"]}, r"target_modules: \['qkv_proj'\] match no module"),
+        ({"target_modules": r"transformer\.h\..*"}, "match no module"),
+        ({"target_modules": ["self_attn"]}, r"unsupported types: \['model.layers.0.self_attn \(LlamaAttention\)"),
+        ({"target_modules": ["input_layernorm"]}, "LlamaRMSNorm"),
+        ({"target_modules": "all-linear", "exclude_modules": ["q_prj"]}, r"exclude_modules: \['q_prj'\]"),
+        ({"modules_to_save": ["classifier"]}, r"modules_to_save: \['classifier'\] match no module"),
+        ({"r": 64}, r"r=64 exceeds layer 'model.layers.0.self_attn.q_proj' \(32 -> 32\)"),
+        ({"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]}, "leaves no layer to adapt"),
+    ],
+)
+def test_bad_targets_raise_with_candidates_and_leave_the_model_untouched(kwargs, message):
+    model = make_llama()
+    before = snapshot(model)
+    with pytest.raises(TargetError, match=message) as error:
+        inject_lora(model, LoRAConfig(**kwargs))
+    assert "adaptable layers: " in str(error.value) and "q_proj (x2)" in str(error.value)
+    assert_unchanged(model, before)
+
+
+def test_second_injection_raises_and_changes_nothing():
+    model = make_mlp()
+    inject_lora(model, LoRAConfig(r=2))
+    before = snapshot(model)
+    with pytest.raises(TargetError, match="already has adapter 'default' on 2 layers"):
+        inject_lora(model, LoRAConfig(r=2))
+    assert_unchanged(model, before)
+
+
+def trained_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = make_mlp()
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for param in adapter_parameters(model):
+            param.normal_(std=0.2)
+    x = torch.randn(6, 16)
+    return model, x, model(x).detach()
+
+
+def test_merge_lora_folds_adapters_in_and_removes_the_layers():
+    model, x, adapted = trained_mlp()
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_lora_restores_the_original_model():
+    original = make_mlp()
+    x = torch.randn(6, 16)
+    expected = original(x)
+    model, _, adapted = trained_mlp()
+    assert not torch.allclose(adapted, expected)
+    model[0].merge()  # a merged layer is unmerged before it is removed
+    unload_lora(model)
+    assert repr(model) == repr(original)
+    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+    inject_lora(model, LoRAConfig(r=2))  # and it can be adapted again
+
+
+def test_injection_on_the_meta_device_allocates_nothing_and_is_fast():
+    with torch.device("meta"):
+        model = nn.ModuleDict(
+            {f"layer{i}": nn.ModuleDict({"q": nn.Linear(4096, 4096), "up": nn.Linear(4096, 14336)}) for i in range(32)}
+        )
+    start = time.perf_counter()
+    report = inject_lora(model, LoRAConfig(r=16, target_modules=["q", "up"]))
+    assert time.perf_counter() - start < 5.0
+    assert len(report.targets) == 64
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_injecting_into_an_8b_llama_on_the_meta_device_takes_under_a_second():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    start = time.perf_counter()
+    report = inject_lora(model, LoRAConfig(r=16, alpha=32))
+    elapsed = time.perf_counter() - start
+    assert len(report.targets) == 32 * 7 and "lm_head" not in report.targets
+    assert report.params.adapter == 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert all(p.is_meta for p in model.parameters())  # nothing allocated
+    assert elapsed < 1.0, elapsed

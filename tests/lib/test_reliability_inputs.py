@@ -1,0 +1,571 @@
+"""The bad-input table: every mistake gets one clear error that names the argument or file and says what would
+work, and leaves the model and the files on disk as they were. docs/reliability.md lists these cases with
+the ones tested elsewhere (tests/test_config.py, test_inject.py, test_io.py, test_callback.py).
+
+Each case builds its situation in ``tmp_path`` and returns ``(model, action)``; the harness snapshots the
+model and every file under ``tmp_path``, runs ``action``, checks the error's type and message fragments
+(``{tmp}`` stands for ``tmp_path``) and compares both snapshots afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lora_lightning.io as lora_io
+from lora_lightning import (
+    AdapterFormatError,
+    LoRAConfig,
+    LoRAFinetuneCallback,
+    TargetError,
+    inject_lora,
+    load_adapter,
+    save_adapter,
+)
+from lora_lightning.io import CONFIG_NAME, WEIGHTS_NAME
+from tests.helpers.adapters import adapted_mlp, assert_unchanged, snapshot
+from tests.helpers.models import MLPModule, classification_data, make_llama, make_mlp, make_trainer
+
+CONFIG = LoRAConfig(r=4, alpha=8, modules_to_save=["net.4"])
+PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[Path, pytest.MonkeyPatch], tuple[nn.Module | None, Callable[[], Any]]]
+    error: type[BaseException]
+    fragments: tuple[str, ...]
+    # "exact": module tree, tensors and requires_grad unchanged. "base": the callback had injected its adapters
+    # at setup before the error (Lightning restores checkpoints after setup); the base weights are unchanged
+    # and the same module trains on once the mistake is fixed (see test_the_same_module_trains_after_a_failed_fit).
+    model_check: str = "exact"
+
+
+CASES: dict[str, Case] = {}
+
+
+def case(error: type[BaseException], *fragments: str, model_check: str = "exact"):
+    def register(build):
+        CASES[build.__name__] = Case(build, error, fragments, model_check)
+        return build
+
+    return register
+
+
+# -------------------------------------------------------------------------------------- LoRAConfig fields
+
+
+@case(ValueError, "r='8'", "must be a positive int", "e.g. r=8")
+def config_r_is_a_string(tmp, mp):
+    return None, lambda: LoRAConfig(r="8")
+
+
+@case(ValueError, "r=None", "must be a positive int")
+def config_r_is_none(tmp, mp):
+    return None, lambda: LoRAConfig(r=None)
+
+
+@case(ValueError, "alpha=nan", "positive finite number", "e.g. alpha=16")
+def config_alpha_is_nan(tmp, mp):
+    return None, lambda: LoRAConfig(alpha=math.nan)
+
+
+@case(ValueError, "alpha=1000000", "positive finite number")
+def config_alpha_overflows_a_float(tmp, mp):
+    return None, lambda: LoRAConfig(alpha=10**400)
+
+
+@case(ValueError, "dropout='0.1'", "a number in [0, 1)")
+def config_dropout_is_a_string(tmp, mp):
+    return None, lambda: LoRAConfig(dropout="0.1")
+
+
+@case(ValueError, "dropout=nan", "a number in [0, 1)")
+def config_dropout_is_nan(tmp, mp):
+    return None, lambda: LoRAConfig(dropout=math.nan)
+
+
+@case(ValueError, "target_modules=5", "non-empty list of module names", "regex")
+def config_target_modules_is_a_number(tmp, mp):
+    return None, lambda: LoRAConfig(target_modules=5)
+
+
+@case(ValueError, "exclude_modules=[]", "non-empty list")
+def config_exclude_modules_is_empty(tmp, mp):
+    return None, lambda: LoRAConfig(exclude_modules=[])
+
+
+@case(
+    ValueError, "['lora_alpha', 'lora_dropout']", "did you mean 'alpha' for 'lora_alpha', 'dropout' for 'lora_dropout'"
+)
+def config_dict_with_peft_key_names(tmp, mp):
+    return None, lambda: LoRAConfig.from_dict({"r": 8, "lora_alpha": 16, "lora_dropout": 0.1})
+
+
+@case(ValueError, "['target_module']", "did you mean 'target_modules' for 'target_module'", "known fields")
+def config_dict_with_a_mistyped_key(tmp, mp):
+    return None, lambda: LoRAConfig.from_dict({"target_module": ["q_proj"]})
+
+
+@case(TypeError, "LoRAConfig.from_dict expects a mapping", "['r', 8]")
+def config_dict_that_is_a_list(tmp, mp):
+    return None, lambda: LoRAConfig.from_dict(["r", 8])
+
+
+# ----------------------------------------------------------------------------------------------- inject_lora
+
+
+@case(TypeError, "config must be a LoRAConfig, got dict", "LoRAConfig.from_dict(values)")
+def inject_with_a_dict_config(tmp, mp):
+    model = make_mlp()
+    return model, lambda: inject_lora(model, {"r": 8, "alpha": 16})
+
+
+@case(TypeError, "model must be a torch.nn.Module, got str", "pass the model object itself")
+def inject_into_a_string(tmp, mp):
+    return None, lambda: inject_lora("meta-llama/Llama-3.2-1B", LoRAConfig())
+
+
+@case(TargetError, "target_modules: ['proj'] match no module", "adaptable layers: q_proj (x2)")
+def inject_with_a_substring_target(tmp, mp):
+    """Entries match whole names or dotted suffixes, not substrings: 'proj' is not 'q_proj'."""
+    model = make_llama()
+    return model, lambda: inject_lora(model, LoRAConfig(target_modules=["proj"]))
+
+
+@case(TargetError, "unsupported types: ['norm (LayerNorm)']", "supported: nn.Linear", "adaptable layers: head")
+def inject_into_a_norm_layer(tmp, mp):
+    model = nn.Sequential()
+    model.add_module("norm", nn.LayerNorm(8))
+    model.add_module("head", nn.Linear(8, 2))
+    return model, lambda: inject_lora(model, LoRAConfig(r=2, target_modules=["norm"]))
+
+
+@case(TargetError, "layer 'conv'", "groups=1, dilation=1 and padding_mode='zeros' only", "'groups': 2")
+def inject_into_a_grouped_conv(tmp, mp):
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(4, 8, 3, groups=2))
+    model.add_module("head", nn.Linear(8, 2))
+    return model, lambda: inject_lora(model, LoRAConfig(r=2, target_modules=["conv"]))
+
+
+@case(TargetError, "leaves no layer to adapt", "none (the model has no layer of a supported type")
+def inject_all_linear_into_a_model_without_adaptable_layers(tmp, mp):
+    model = nn.Sequential(nn.LayerNorm(4), nn.ReLU())
+    return model, lambda: inject_lora(model, LoRAConfig(r=2))
+
+
+@case(TargetError, "target_modules='all-linear' leaves no layer to adapt", "adaptable layers: 0, 1")
+def inject_all_linear_into_a_model_of_embeddings_and_convs(tmp, mp):
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Conv1d(4, 4, 1))
+    return model, lambda: inject_lora(model, LoRAConfig(r=2))
+
+
+@case(TargetError, "r=20 exceeds layer '0' (16 -> 32); use r <= 16 or exclude the layer")
+def inject_a_rank_larger_than_one_layer(tmp, mp):
+    model = make_mlp()
+    return model, lambda: inject_lora(model, LoRAConfig(r=20))
+
+
+@case(TargetError, "leaves no layer to adapt", "modules_to_save=['0'] holds ['0']", "trained in full instead")
+def inject_targets_that_are_all_in_modules_to_save(tmp, mp):
+    model = make_mlp()
+    return model, lambda: inject_lora(model, LoRAConfig(target_modules=["0"], modules_to_save=["0"]))
+
+
+@case(TargetError, "exclude_modules: ['decoder\\\\..*'] match no module")
+def inject_with_an_exclude_regex_that_matches_nothing(tmp, mp):
+    model = make_mlp()
+    return model, lambda: inject_lora(model, LoRAConfig(exclude_modules=r"decoder\..*"))
+
+
+# ---------------------------------------------------------------------------------------------- load_adapter
+
+
+def saved_adapter(tmp: Path) -> Path:
+    """LoRA on "0" and "2" (r=4, alpha=8), head "4" in modules_to_save."""
+    return save_adapter(adapted_mlp(modules_to_save=["4"]), tmp / "adapter")
+
+
+def edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / CONFIG_NAME).read_text())
+    config.update(changes)
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def edit_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    save_file(edit(load_file(path / WEIGHTS_NAME)), path / WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def load_into_mlp(tmp: Path, breaker: Callable[[Path], Any]):
+    path = saved_adapter(tmp)
+    breaker(path)
+    model = make_mlp(0)
+    return model, lambda: load_adapter(model, path)
+
+
+@case(AdapterFormatError, "'{tmp}/adapter/adapter_config.json' is not a folder", "expected a PEFT adapter folder")
+def load_a_file_instead_of_a_folder(tmp, mp):
+    path = saved_adapter(tmp)
+    model = make_mlp(0)
+    return model, lambda: load_adapter(model, path / CONFIG_NAME)
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "lora_alpha='16' (must be a positive finite number)")
+def load_config_alpha_is_a_string(tmp, mp):
+    return load_into_mlp(tmp, lambda p: edit_config(p, lora_alpha="16"))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "r='4' (must be a positive int)")
+def load_config_r_is_a_string(tmp, mp):
+    return load_into_mlp(tmp, lambda p: edit_config(p, r="4"))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "lora_dropout=1.5 (must be a number in [0, 1))")
+def load_config_dropout_out_of_range(tmp, mp):
+    return load_into_mlp(tmp, lambda p: edit_config(p, lora_dropout=1.5))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "use_rslora='false' (must be true or false)")
+def load_config_use_rslora_is_a_string(tmp, mp):
+    """bool('false') is True: this used to switch on rank-stabilised scaling silently."""
+    return load_into_mlp(tmp, lambda p: edit_config(p, use_rslora="false"))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "lora_alpha=nan")
+def load_config_alpha_is_nan(tmp, mp):
+    return load_into_mlp(
+        tmp,
+        lambda p: (p / CONFIG_NAME).write_text(
+            (p / CONFIG_NAME).read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN')
+        ),
+    )
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "lora_alpha=1000000", "positive finite number")
+def load_config_alpha_overflows_a_float(tmp, mp):
+    return load_into_mlp(tmp, lambda p: edit_config(p, lora_alpha=10**400))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "peft_type=None (only 'LORA' adapters load)")
+def load_config_without_peft_type(tmp, mp):
+    return load_into_mlp(tmp, lambda p: edit_config(p, peft_type=None))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "peft_type=None", "r=None", "lora_alpha=None")
+def load_config_that_is_an_empty_object(tmp, mp):
+    return load_into_mlp(tmp, lambda p: (p / CONFIG_NAME).write_text("{}"))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "is not valid JSON")
+def load_config_that_is_not_text(tmp, mp):
+    return load_into_mlp(tmp, lambda p: (p / CONFIG_NAME).write_bytes(b"\xff\xfe\x00\x01"))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "is not valid JSON")
+def load_config_nested_too_deep(tmp, mp):
+    return load_into_mlp(tmp, lambda p: (p / CONFIG_NAME).write_text("[" * 100_000))
+
+
+@case(AdapterFormatError, "'{tmp}/adapter' lacks ['adapter_config.json']")
+def load_config_that_is_a_folder(tmp, mp):
+    return load_into_mlp(tmp, lambda p: ((p / CONFIG_NAME).unlink(), (p / CONFIG_NAME).mkdir()))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_model.safetensors", "is not a readable safetensors file")
+def load_weights_file_empty(tmp, mp):
+    return load_into_mlp(tmp, lambda p: (p / WEIGHTS_NAME).write_bytes(b""))
+
+
+@case(
+    AdapterFormatError,
+    "{tmp}/adapter/adapter_model.safetensors",
+    "0.lora_A.weight: dtype torch.int64",
+    "adapters are floats",
+)
+def load_integer_adapter_tensors(tmp, mp):
+    """Used to be cast to float silently."""
+    integer = f"{PREFIX}0.lora_A.weight"
+    return load_into_mlp(tmp, lambda p: edit_tensors(p, lambda t: {**t, integer: t[integer].long()}))
+
+
+@case(
+    AdapterFormatError,
+    "{tmp}/adapter/adapter_model.safetensors",
+    "4.bias: dtype torch.int32 in the file, the model has torch.float32",
+)
+def load_integer_modules_to_save_tensor(tmp, mp):
+    bias = f"{PREFIX}4.bias"
+    return load_into_mlp(tmp, lambda p: edit_tensors(p, lambda t: {**t, bias: t[bias].int()}))
+
+
+@case(
+    AdapterFormatError,
+    "{tmp}/adapter/adapter_model.safetensors",
+    "0: has LoRA tensors but is inside modules_to_save entry '0'",
+)
+def load_a_module_both_adapted_and_saved(tmp, mp):
+    """Used to inject LoRA on "2", then crash with AttributeError on "0": a half-changed model."""
+
+    def overlap(path: Path) -> None:
+        edit_config(path, modules_to_save=["0", "4"])
+        edit_tensors(
+            path, lambda t: {**t, f"{PREFIX}0.weight": torch.zeros(32, 16), f"{PREFIX}0.bias": torch.zeros(32)}
+        )
+
+    return load_into_mlp(tmp, overlap)
+
+
+@case(AdapterFormatError, "'{tmp}/adapter' cannot be injected", "r=4 exceeds layer '0' (2 -> 2)")
+def load_a_rank_larger_than_the_layer(tmp, mp):
+    """A valid PEFT file (PEFT allows r > min(in, out)) that inject_lora refuses: used to raise TargetError
+    without naming the file."""
+    path = tmp / "adapter"
+    path.mkdir()
+    (path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    tensors = {f"{PREFIX}0.lora_A.weight": torch.ones(4, 2), f"{PREFIX}0.lora_B.weight": torch.ones(2, 4)}
+    save_file(tensors, path / WEIGHTS_NAME)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    return model, lambda: load_adapter(model, path)
+
+
+# ---------------------------------------------------------------------------------------------- save_adapter
+
+
+def lora_mlp() -> nn.Module:
+    return adapted_mlp()
+
+
+@case(
+    NotADirectoryError,
+    "save_adapter: cannot write '{tmp}/notes.txt/adapter'",
+    "'{tmp}/notes.txt' is a file, not a folder",
+)
+def save_under_a_file(tmp, mp):
+    (tmp / "notes.txt").write_text("mine")
+    model = lora_mlp()
+    return model, lambda: save_adapter(model, tmp / "notes.txt" / "adapter")
+
+
+@case(PermissionError, "save_adapter: cannot write '{tmp}/locked/adapter'", "choose a writable folder")
+def save_into_a_read_only_folder(tmp, mp):
+    locked = tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        (locked / "probe").touch()
+    except PermissionError:
+        pass
+    else:
+        (locked / "probe").unlink()
+        locked.chmod(0o700)
+        pytest.skip("this user can write into a read-only folder (root); save_under_a_file covers the path")
+    model = lora_mlp()
+    return model, lambda: save_adapter(model, locked / "adapter")
+
+
+@case(OSError, "save_adapter: cannot write '{tmp}/adapter'", "No space left on device", "choose a writable folder")
+def save_on_a_full_disk(tmp, mp):
+    saved_adapter(tmp)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    mp.setattr(lora_io, "save_file", disk_full)
+    model = lora_mlp()
+    return model, lambda: save_adapter(model, tmp / "adapter", overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------- the callback
+
+
+@case(
+    TypeError, "LoRAFinetuneCallback(optimizer=...) must be a factory", "got SGD", "functools.partial(torch.optim.AdamW"
+)
+def callback_given_an_optimizer_instead_of_a_factory(tmp, mp):
+    """Used to be accepted, failing only at fit time after injecting."""
+    module = MLPModule()
+    return module, lambda: LoRAFinetuneCallback(CONFIG, optimizer=torch.optim.SGD(module.parameters(), lr=0.1))
+
+
+@case(TypeError, "LoRAFinetuneCallback(optimizer=...) must be a factory", "got str")
+def callback_given_an_optimizer_name(tmp, mp):
+    return None, lambda: LoRAFinetuneCallback(CONFIG, optimizer="adamw")
+
+
+@case(TypeError, "LoRAFinetuneCallback(lr_scheduler=...) must be a factory", "got int", "lr_scheduler.StepLR")
+def callback_given_a_scheduler_that_is_not_callable(tmp, mp):
+    return None, lambda: LoRAFinetuneCallback(CONFIG, optimizer=torch.optim.SGD, lr_scheduler=100)
+
+
+@case(TypeError, "must be a LoRAConfig or None, got DictConfig", "LoRAConfig.from_dict(values)")
+def callback_given_a_hydra_config_node(tmp, mp):
+    omegaconf = pytest.importorskip("omegaconf")
+    node = omegaconf.OmegaConf.create({"r": 8, "alpha": 16})
+    return None, lambda: LoRAFinetuneCallback(node)
+
+
+def fit(module: MLPModule, tmp: Path, config: LoRAConfig | None = CONFIG, ckpt_path=None, **kwargs):
+    """The action: fit ``module`` for one epoch with the callback (and ``kwargs`` for the Trainer)."""
+    callbacks = [LoRAFinetuneCallback(config), *kwargs.pop("callbacks", [])]
+    trainer = make_trainer(tmp / "run", **{"max_epochs": 1, **kwargs, "callbacks": callbacks})
+    return lambda: trainer.fit(module, classification_data(), ckpt_path=ckpt_path)
+
+
+@case(TargetError, "target_modules: ['net.9'] match no module", "adaptable layers: 0, 2, 4")
+def fit_with_a_target_that_matches_nothing(tmp, mp):
+    module = MLPModule()
+    return module, fit(module, tmp, LoRAConfig(target_modules=["net.9"]))
+
+
+@case(TargetError, "modules_to_save: ['classifier'] match no module")
+def fit_with_missing_modules_to_save(tmp, mp):
+    module = MLPModule()
+    return module, fit(module, tmp, LoRAConfig(modules_to_save=["classifier"]))
+
+
+@case(
+    ValueError,
+    "already has adapter 'default', with AdapterSpec(r=4, alpha=8",
+    "asks for AdapterSpec(r=8, alpha=16",
+    "config=None",
+)
+def fit_with_a_config_that_disagrees_with_existing_adapters(tmp, mp):
+    """Injecting twice through the callback: used to train the existing r=4 adapters and ignore r=8 silently."""
+    module = MLPModule()
+    inject_lora(module, LoRAConfig(r=4, alpha=8))
+    return module, fit(module, tmp, LoRAConfig(r=8, alpha=16))
+
+
+@case(
+    NotADirectoryError,
+    "ModelCheckpoint(dirpath='{tmp}/notes.txt/ckpt') is not writable",
+    "choose a writable folder",
+    model_check="base",
+)
+def fit_with_an_unwritable_checkpoint_folder(tmp, mp):
+    """Used to fail at the first save, after the steps before it were spent."""
+    (tmp / "notes.txt").write_text("mine")
+    module = MLPModule()
+    checkpoints = ModelCheckpoint(dirpath=tmp / "notes.txt" / "ckpt")
+    return module, fit(module, tmp, callbacks=[checkpoints], enable_checkpointing=True)
+
+
+@case(FileNotFoundError, "Checkpoint file not found: {tmp}/no-such.ckpt", model_check="base")
+def resume_from_a_missing_checkpoint(tmp, mp):
+    module = MLPModule()
+    return module, fit(module, tmp, ckpt_path=tmp / "no-such.ckpt")
+
+
+def written_checkpoint(tmp: Path) -> bytes:
+    trainer = make_trainer(tmp / "first", max_steps=2, callbacks=[LoRAFinetuneCallback(CONFIG)])
+    trainer.fit(MLPModule(), classification_data())
+    trainer.save_checkpoint(tmp / "good.ckpt")
+    return (tmp / "good.ckpt").read_bytes()
+
+
+@case(
+    OSError,  # torch raises RuntimeError for a truncated file and OSError (EINVAL) through fsspec, as here
+    "checkpoint '{tmp}/half.ckpt' is not a readable torch checkpoint (truncated or corrupted?)",
+    model_check="base",
+)
+def resume_from_a_truncated_checkpoint(tmp, mp):
+    data = written_checkpoint(tmp)
+    (tmp / "half.ckpt").write_bytes(data[: len(data) // 2])
+    module = MLPModule()
+    return module, fit(module, tmp, ckpt_path=tmp / "half.ckpt")
+
+
+@case(EOFError, "checkpoint '{tmp}/empty.ckpt' is not a readable torch checkpoint", model_check="base")
+def resume_from_an_empty_checkpoint(tmp, mp):
+    (tmp / "empty.ckpt").write_bytes(b"")
+    module = MLPModule()
+    return module, fit(module, tmp, ckpt_path=tmp / "empty.ckpt")
+
+
+@case(
+    pickle.UnpicklingError,
+    "checkpoint '{tmp}/noise.ckpt' was refused by the weights-only loader: it is corrupted",
+    model_check="base",
+)
+def resume_from_random_bytes(tmp, mp):
+    (tmp / "noise.ckpt").write_bytes(bytes(range(256)) * 4)
+    module = MLPModule()
+    return module, fit(module, tmp, ckpt_path=tmp / "noise.ckpt")
+
+
+@case(
+    IsADirectoryError,
+    "checkpoint '{tmp}/adapter' is a folder",
+    "PEFT adapter folder: load it with load_adapter(model, path)",
+    model_check="base",
+)
+def resume_from_an_adapter_folder(tmp, mp):
+    saved_adapter(tmp)
+    module = MLPModule()
+    return module, fit(module, tmp, ckpt_path=tmp / "adapter")
+
+
+# -------------------------------------------------------------------------------------------------- harness
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under ``root``."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def base_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k.replace(".base_layer", ""): v.clone() for k, v in module.state_dict().items() if ".lora_" not in k}
+
+
+def test_the_table_has_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gives_one_clear_error_and_changes_nothing(name, tmp_path, monkeypatch):
+    bad = CASES[name]
+    model, act = bad.build(tmp_path, monkeypatch)
+    model_before = snapshot(model) if model is not None else None
+    base_before = base_tensors(model) if model is not None else None
+    files_before = tree(tmp_path)
+
+    with pytest.raises(bad.error) as err:
+        act()
+
+    message = f"{err.value}\n{err.value.__cause__ or ''}"  # Hydra puts the detail into the cause
+    for fragment in bad.fragments:
+        assert fragment.format(tmp=tmp_path) in message, f"{fragment!r} not in:\n{message}"
+    assert tree(tmp_path) == files_before, "files changed"
+    if model is None:
+        return
+    if bad.model_check == "exact":
+        assert_unchanged(model, model_before)
+    else:
+        assert base_tensors(model).keys() == base_before.keys()
+        assert all(torch.equal(base_tensors(model)[k], v) for k, v in base_before.items()), "base weights changed"
+        assert getattr(model, "losses", []) == [], "a training step ran before the error"
+
+
+def test_the_same_module_trains_after_a_failed_fit(tmp_path):
+    """A fit that fails after the callback injected (bad checkpoint path) loses nothing: fix the path and the
+    same module object fits, from the checkpoint, with the adapters the callback put in."""
+    written_checkpoint(tmp_path)
+    module = MLPModule()
+    with pytest.raises(FileNotFoundError):
+        fit(module, tmp_path, ckpt_path=tmp_path / "typo.ckpt")()
+    adapters = module.net[0]
+    fit(module, tmp_path, ckpt_path=tmp_path / "good.ckpt", max_epochs=2)()
+    assert module.net[0] is adapters and module.losses, "the same LoRA layers trained on"

@@ -1,0 +1,45 @@
+"""Run by tests/test_ddp.py in a fresh process: a LoRA fine-tune under DDP with 2 CPU (gloo) processes.
+
+Lightning's DDP launcher re-runs this script for rank 1; each rank writes what it saw to <out>/rank<k>.json.
+Usage: python -m tests.workers.ddp_worker <out dir> <epochs> [<ckpt to resume>]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lora_lightning import LoRAConfig, LoRAFinetuneCallback, adapter_state_dict
+from tests.helpers.models import MLPModule, classification_data, make_trainer
+
+
+def main() -> None:
+    out, epochs = Path(sys.argv[1]), int(sys.argv[2])
+    ckpt = sys.argv[3] if len(sys.argv) > 3 else None
+    module = MLPModule()
+    base = {k: v.clone() for k, v in module.state_dict().items()}
+    checkpoints = ModelCheckpoint(dirpath=out / "ckpt", save_last=True)
+    trainer = make_trainer(
+        out, accelerator="cpu", devices=2, strategy="ddp", max_epochs=epochs, enable_checkpointing=True,
+        callbacks=[LoRAFinetuneCallback(LoRAConfig(r=4, alpha=8, modules_to_save=["net.4"])), checkpoints],
+    )  # fmt: skip
+    trainer.fit(module, classification_data(), ckpt_path=ckpt)
+    state = module.state_dict()
+    frozen_moved = [k for k in base if k in state and not torch.equal(state[k], base[k]) and not k.startswith("net.4")]
+    grads = {n: p.grad is not None for n, p in module.named_parameters()}
+    record = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "adapter_sum": {k: v.double().sum().item() for k, v in adapter_state_dict(module).items()},
+        "frozen_moved": frozen_moved,
+        "params_with_grad": sorted(n for n, has in grads.items() if has),
+        "losses": module.losses,
+        "last": checkpoints.last_model_path,
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
