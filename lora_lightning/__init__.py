@@ -15,6 +15,7 @@ from lora_lightning.params import (
     mark_only_adapters_trainable,
     param_summary,
 )
+from lora_lightning.quantize import quantize_linears
 
 __all__ = [
     "AdapterFormatError",
@@ -41,6 +42,7 @@ __all__ = [
     "mark_only_adapters_trainable",
     "merge_lora",
     "param_summary",
+    "quantize_linears",
     "save_adapter",
     "set_active_adapter",
     "unload_lora",

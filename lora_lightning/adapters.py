@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lora_lightning.inject import replace_module
+from lora_lightning.modules import replace_module
 from lora_lightning.params import adapter_names, lora_layers
 
 

@@ -1,10 +1,11 @@
-"""Lightning checkpoint files that are safe to load and atomic to write."""
+"""Lightning checkpoints of a LoRA fine-tune: adapter-only, safe to load, atomic to write."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,16 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
 from typing_extensions import override
 
-from lora_lightning.io import CONFIG_NAME, fsync_path, remove_stale_staging
+from lora_lightning.config import LoRAConfig
+from lora_lightning.files import write_file_atomically
+from lora_lightning.modules import canonical_name, shadow_method
+from lora_lightning.params import adapter_state_dict
+from lora_lightning.peft_format import CONFIG_NAME
+
+CHECKPOINT_KEY = "lora_config"  # the LoRAConfig a checkpoint was trained with, as a dict
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -38,19 +46,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp-{os.urandom(6).hex()}")
-        try:
-            with open(staging, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(staging, path)
-            fsync_path(path.parent)
-            remove_stale_staging(path)
-        finally:
-            staging.unlink(missing_ok=True)
+        write_file_atomically(Path(path), lambda file: torch.save(checkpoint, file))
 
     @override
     def load_checkpoint(
@@ -102,3 +98,80 @@ def check_checkpoint_dirs_writable(trainer: pl.Trainer) -> None:
                 f"ModelCheckpoint(dirpath={str(folder)!r}) is not writable ({err}); choose a writable folder "
                 "(ModelCheckpoint(dirpath=...) or Trainer(default_root_dir=...)) before training starts"
             ) from err
+
+
+def install_safe_checkpoint_io(trainer: pl.Trainer) -> None:
+    """Put `SafeCheckpointIO` in place of Lightning's default checkpoint IO (a custom one is kept)."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = SafeCheckpointIO()
+
+
+def make_checkpoints_adapter_only(module: pl.LightningModule, config: LoRAConfig | None) -> None:
+    """From now on, every checkpoint of ``module`` (full or ``weights_only``) keeps only adapter and
+    ``modules_to_save`` tensors plus ``config``; loading one tolerates the absent base weights but still
+    fails strictly on missing adapter tensors. Lightning calls the module's ``on_save_checkpoint`` for
+    every checkpoint, unlike callback hooks, which ``weights_only`` saves skip.
+
+    Keys are compared by `canonical_name`: under FSDP1 or activation checkpointing, module names carry
+    wrapper segments that the full state dicts Lightning saves and loads do not. Sharded (distributed)
+    checkpoints are refused: loading one needs every tensor of the model. ``ModelParallelStrategy`` (FSDP2)
+    loads a full checkpoint tensor by tensor, without ``load_state_dict`` post-hooks, so there
+    ``strict_loading`` is turned off and a missing adapter tensor goes unnoticed."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = module._trainer.strategy if module._trainer is not None else None
+    # Both settings are private in Lightning 2.6: FSDPStrategy(state_dict_type=...) and
+    # ModelParallelStrategy(save_distributed_checkpoint=...).
+    if (isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") != "full") or (
+        isinstance(strategy, ModelParallelStrategy) and getattr(strategy, "_save_distributed_checkpoint", False)
+    ):
+        raise ValueError(
+            f"{type(strategy).__name__} is set to save sharded (distributed) checkpoints, which cannot be loaded "
+            "without the base weights that LoRA checkpoints leave out; use FSDPStrategy(state_dict_type='full') "
+            "or ModelParallelStrategy(save_distributed_checkpoint=False): rank 0 then writes the adapter tensors, "
+            "gathered"
+        )
+    if isinstance(strategy, ModelParallelStrategy):
+        module.strict_loading = False
+    if getattr(module, "_lora_checkpoints", False):
+        return
+    module._lora_checkpoints = True
+    module.register_load_state_dict_post_hook(_tolerate_missing_base_keys)
+
+    def prune_after(original: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            original(checkpoint)
+            prune_to_adapters(checkpoint, module, config)
+
+        return on_save_checkpoint
+
+    shadow_method(module, "on_save_checkpoint", prune_after)
+
+
+def prune_to_adapters(checkpoint: dict[str, Any], module: nn.Module, config: LoRAConfig | None) -> None:
+    """Keep only ``module``'s adapter and ``modules_to_save`` tensors in ``checkpoint``, and record ``config``.
+    A module without adapters (after ``merge_lora``/``unload_lora``) keeps its whole state."""
+    keep = {canonical_name(k) for k in adapter_state_dict(module)}
+    if keep:
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if canonical_name(k) in keep}
+        if config is not None:
+            checkpoint[CHECKPOINT_KEY] = config.to_dict()
+
+
+def check_checkpoint_config(checkpoint: dict[str, Any], config: LoRAConfig | None) -> None:
+    """Refuse to resume a checkpoint trained with another `LoRAConfig` than ``config``."""
+    saved = checkpoint.get(CHECKPOINT_KEY)
+    if config is not None and saved is not None and LoRAConfig.from_dict(saved) != config:
+        raise ValueError(
+            f"the checkpoint was trained with {LoRAConfig.from_dict(saved)}, this callback has {config}; "
+            "resume with the same LoRAConfig"
+        )
+
+
+def _tolerate_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
+    """``load_state_dict`` post-hook: an adapter-only checkpoint lacks the frozen base weights, which is
+    fine; missing adapter tensors stay in ``missing_keys`` and still fail a strict load. Names are compared
+    by `canonical_name` (FSDP1 reports missing keys with wrapper segments)."""
+    required = {canonical_name(k) for k in adapter_state_dict(module)}
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if canonical_name(k) in required]

@@ -9,6 +9,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from lora_lightning.peft_format import PEFT_KEYS
+
 ALL_LINEAR = "all-linear"
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<k>", "olora")
 _INIT = re.compile(r"kaiming|gaussian|pissa|pissa_niter_[1-9][0-9]*|olora")
@@ -110,32 +112,72 @@ class LoRAConfig:
         return cls(**values)
 
     def _problems(self) -> Iterable[str]:
-        if not _is_int(self.r) or self.r <= 0:
-            yield f"r={self.r!r}: the rank must be a positive int, e.g. r=8"
-        if not _is_positive_finite(self.alpha):
-            yield f"alpha={self.alpha!r}: must be a positive finite number, e.g. alpha=16 (2 * r is common)"
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            yield f"dropout={self.dropout!r}: must be a number in [0, 1), e.g. dropout=0.05"
-        if not isinstance(self.use_rslora, bool):
-            yield f"use_rslora={self.use_rslora!r}: must be True or False"
-        for field_name in ("target_modules", "exclude_modules", "modules_to_save"):
-            yield from _name_problems(field_name, getattr(self, field_name))
-        if isinstance(self.modules_to_save, str):
-            yield f"modules_to_save={self.modules_to_save!r}: must be a list of module names, e.g. ['classifier']"
-        if not isinstance(self.use_dora, bool):
-            yield f"use_dora={self.use_dora!r}: must be True or False"
-        if not isinstance(self.init, str) or not _INIT.fullmatch(self.init):
-            yield f"init={self.init!r}: must be one of {', '.join(INITS)}"
-        yield from _pattern_problems("rank_pattern", self.rank_pattern, _is_int, "a positive int, e.g. {'q_proj': 16}")
-        yield from _pattern_problems(
-            "alpha_pattern", self.alpha_pattern, _is_number, "a positive finite number, e.g. {'q_proj': 32}"
-        )
+        for field in fields(self):
+            yield from field_problems(field.name, getattr(self, field.name))
         if self.exclude_modules == ALL_LINEAR:
             yield "exclude_modules='all-linear' would exclude every layer; list the layers to skip instead"
 
 
+def field_problems(field: str, value: Any, shown_as: str | None = None) -> list[str]:
+    """Why ``value`` is not a valid `LoRAConfig` ``field`` (empty if it is), each reason naming the value as
+    ``shown_as`` (the field's name by default; e.g. PEFT's key for a value read from ``adapter_config.json``)."""
+    return list(_CHECKS[field](shown_as or field, value))
+
+
+def _check_r(name: str, value: Any) -> Iterable[str]:
+    if not _is_int(value) or value <= 0:
+        yield f"{name}={value!r}: the rank must be a positive int, e.g. {name}=8"
+
+
+def _check_alpha(name: str, value: Any) -> Iterable[str]:
+    if not _is_positive_finite(value):
+        yield f"{name}={value!r}: must be a positive finite number, e.g. {name}=16 (2 * r is common)"
+
+
+def _check_dropout(name: str, value: Any) -> Iterable[str]:
+    if not _is_number(value) or not 0.0 <= value < 1.0:
+        yield f"{name}={value!r}: must be a number in [0, 1), e.g. {name}=0.05"
+
+
+def _check_bool(name: str, value: Any) -> Iterable[str]:
+    if not isinstance(value, bool):
+        yield f"{name}={value!r}: must be true or false (a bool)"
+
+
+def _check_init(name: str, value: Any) -> Iterable[str]:
+    if not isinstance(value, str) or not _INIT.fullmatch(value):
+        yield f"{name}={value!r}: must be one of {', '.join(INITS)}"
+
+
+def _check_modules_to_save(name: str, value: Any) -> Iterable[str]:
+    yield from _name_problems(name, value, required=False)
+    if isinstance(value, str):
+        yield f"{name}={value!r}: must be a list of module names, e.g. ['classifier']"
+
+
+def _pattern_check(is_kind: Any, example: str) -> Any:
+    def check(name: str, value: Any) -> Iterable[str]:
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            yield f"{name}={value!r}: must be a mapping of module-name patterns to values, e.g. {example}"
+            return
+        for key, entry in value.items():
+            if not isinstance(key, str) or not key:
+                yield f"{name}: key {key!r} must be a non-empty module-name pattern"
+                continue
+            try:
+                re.compile(key)
+            except re.error as err:
+                yield f"{name}: key {key!r} is not a valid regular expression ({err})"
+            if not is_kind(entry) or not _is_positive_finite(entry):
+                yield f"{name}[{key!r}]={entry!r}: must be {example}"
+
+    return check
+
+
 # PEFT's names for our fields: the likeliest "mistyped key" from anyone who knows PEFT's LoraConfig.
-_PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r"}
+_PEFT_NAMES = {peft: ours for ours, peft in PEFT_KEYS.items() if peft != ours} | {"rank": "r"}
 
 
 def _suggest(name: Any, known: list[str]) -> str | None:
@@ -168,45 +210,27 @@ def _pattern_value(pattern: dict[str, Any] | None, name: str, default: Any) -> A
     return default
 
 
-def _pattern_problems(field_name: str, value: Any, is_kind: Any, example: str) -> Iterable[str]:
+def _name_problems(name: str, value: Any, required: bool) -> Iterable[str]:
     if value is None:
-        return
-    if not isinstance(value, dict):
-        yield f"{field_name}={value!r}: must be a mapping of module-name patterns to values, e.g. {example}"
-        return
-    for key, entry in value.items():
-        if not isinstance(key, str) or not key:
-            yield f"{field_name}: key {key!r} must be a non-empty module-name pattern"
-            continue
-        try:
-            re.compile(key)
-        except re.error as err:
-            yield f"{field_name}: key {key!r} is not a valid regular expression ({err})"
-        if not is_kind(entry) or not _is_positive_finite(entry):
-            yield f"{field_name}[{key!r}]={entry!r}: must be {example}"
-
-
-def _name_problems(field_name: str, value: Any) -> Iterable[str]:
-    if value is None:
-        if field_name == "target_modules":
-            yield "target_modules=None: give layer names, a regex or 'all-linear'"
+        if required:
+            yield f"{name}=None: give layer names, a regex or 'all-linear'"
         return
     if isinstance(value, str):
         if not value:
-            yield f"{field_name}='': give layer names, a regex or 'all-linear'"
+            yield f"{name}='': give layer names, a regex or 'all-linear'"
         elif value != ALL_LINEAR:
             try:
                 re.compile(value)
             except re.error as err:
-                yield f"{field_name}={value!r}: not a valid regular expression ({err})"
+                yield f"{name}={value!r}: not a valid regular expression ({err})"
         return
     if not isinstance(value, list) or not value:
-        alternatives = "or a regex string" if field_name == "target_modules" else "a regex string, or None"
-        yield f"{field_name}={value!r}: must be a non-empty list of module names, {alternatives}"
+        alternatives = "or a regex string" if required else "a regex string, or None"
+        yield f"{name}={value!r}: must be a non-empty list of module names, {alternatives}"
         return
     bad = [v for v in value if not isinstance(v, str) or not v]
     if bad:
-        yield f"{field_name}={value!r}: entries must be non-empty strings, got {bad!r}"
+        yield f"{name}={value!r}: entries must be non-empty strings, got {bad!r}"
 
 
 def is_adapter_name(value: Any) -> bool:
@@ -228,3 +252,18 @@ def _is_positive_finite(value: Any) -> bool:
         return _is_number(value) and 0 < float(value) < math.inf
     except OverflowError:
         return False
+
+
+_CHECKS = {
+    "r": _check_r,
+    "alpha": _check_alpha,
+    "dropout": _check_dropout,
+    "target_modules": lambda name, value: _name_problems(name, value, required=True),
+    "exclude_modules": lambda name, value: _name_problems(name, value, required=False),
+    "use_rslora": _check_bool,
+    "modules_to_save": _check_modules_to_save,
+    "use_dora": _check_bool,
+    "init": _check_init,
+    "rank_pattern": _pattern_check(_is_int, "a positive int, e.g. {'q_proj': 16}"),
+    "alpha_pattern": _pattern_check(_is_number, "a positive finite number, e.g. {'q_proj': 32}"),
+}

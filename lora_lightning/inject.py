@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -10,9 +9,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from lora_lightning import quant
+from lora_lightning.adapters import set_active_adapter
 from lora_lightning.config import ALL_LINEAR, LoRAConfig, is_adapter_name
 from lora_lightning.layers import LoRALayer, LoRALinear, lora_layer_type
-from lora_lightning.names import canonical_name
+from lora_lightning.modules import canonical_name, is_within, matches, replace_module
 from lora_lightning.params import (
     ParamSummary,
     adapter_names,
@@ -76,6 +76,47 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defau
     return InjectionReport(plan.targets, plan.modules_to_save, param_summary(model))
 
 
+def prepare_adapter(
+    model: nn.Module, config: LoRAConfig | None, adapter_name: str = "default"
+) -> InjectionReport | None:
+    """Make adapter ``adapter_name`` the one that trains. A model without it gets it injected from ``config``
+    (the report is returned); a model that has it (a second fit, or `load_adapter`) trains it as it is, after a
+    check that ``config``, if given, describes it (it would be silently ignored otherwise). Either way it becomes
+    the active adapter and everything else is frozen."""
+    if next(lora_layers(model, adapter_name), None) is None:
+        if config is None:
+            raise ValueError(
+                f"config=None needs a model that already has adapter {adapter_name!r}; it has "
+                f"{adapter_names(model)}; pass a LoRAConfig to inject one"
+            )
+        _refuse_sharded(model)
+        return inject_lora(model, config, adapter_name)
+    for layer_name, layer in lora_layers(model, adapter_name) if config is not None else ():
+        found, wanted = layer.spec(adapter_name), config.spec_for(canonical_name(layer_name))
+        if found != wanted:
+            raise ValueError(
+                f"the model already has adapter {adapter_name!r}, with {found} on {layer_name!r}, but config=... "
+                f"asks for {wanted}; pass config=None to train the existing adapter, or give the new one another "
+                "adapter_name"
+            )
+    set_active_adapter(model, adapter_name)
+    mark_only_adapters_trainable(model, adapter_name)
+    return None
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """Adapters injected after FSDP2's ``fully_shard`` would be plain tensors that no rank shares: every rank
+    would silently train its own. Injection must come first."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise RuntimeError(
+            "the module's parameters are already sharded (fully_shard ran in configure_model), so adapters "
+            "injected now would not be sharded or synchronised; call inject_lora(self, config) in configure_model "
+            "before fully_shard and pass LoRAFinetuneCallback(None) (docs/multi_gpu.md)"
+        )
+
+
 def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold adapter ``adapter_name`` (the active one by default) into the base weights and put the plain
     base layers back, dropping any other adapters (zero inference overhead). A 4-bit base is dequantized
@@ -120,13 +161,6 @@ def unload_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def matches(name: str, pattern: list[str] | str) -> bool:
-    """Whether a module name is selected by a list of names/dotted suffixes or a full-match regex."""
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == entry or name.endswith("." + entry) for entry in pattern)
-
-
 def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; pass the model object itself")
@@ -158,10 +192,10 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
     problems: list[str] = []
 
     saved = _select(modules, config.modules_to_save, "modules_to_save", problems) if config.modules_to_save else []
-    inside_saved = {n for n in modules if any(n == s or n.startswith(s + ".") for s in saved)}
+    inside_saved = {n for n in modules if any(is_within(n, s) for s in saved)}
 
     if config.target_modules == ALL_LINEAR:
-        heads = _output_heads(model)
+        heads = output_heads(model)
         targets = [n for n, m in modules.items() if lora_layer_type(m) is LoRALinear and n not in heads]
     else:
         targets = _select(modules, config.target_modules, "target_modules", problems)
@@ -186,12 +220,11 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
         spec = config.spec_for(canonical_name(name))
         problems += [f"layer {name!r}: {p}" for p in kind.problems(modules[name], spec)]
         if kind is LoRALinear:
-            shape = kind(modules[name])  # adapter-less: only asked for its dimensions
-            size = min(shape.in_features, shape.out_features)
-            if spec.r > size:
+            in_features, out_features = kind.features(modules[name])
+            if spec.r > min(in_features, out_features):
                 problems.append(
-                    f"r={spec.r} exceeds layer {name!r} ({shape.in_features} -> {shape.out_features}); "
-                    f"use r <= {size} or exclude the layer"
+                    f"r={spec.r} exceeds layer {name!r} ({in_features} -> {out_features}); "
+                    f"use r <= {min(in_features, out_features)} or exclude the layer"
                 )
     if problems:
         raise TargetError(
@@ -228,7 +261,7 @@ def _visible_modules(model: nn.Module) -> dict[str, nn.Module]:
     return modules
 
 
-def _output_heads(model: nn.Module) -> set[str]:
+def output_heads(model: nn.Module) -> set[str]:
     """The output layers that 'all-linear' leaves alone. Hugging Face models name theirs: the module any of them
     reports from ``get_output_embeddings()``, else a task head called ``classifier`` or ``score``; a headless
     backbone has none, so all its layers are adapted, as PEFT does. Outside Hugging Face models, the last
@@ -247,7 +280,7 @@ def _output_heads(model: nn.Module) -> set[str]:
     heads.update(n for n in linears if n in task_heads)
     if heads:
         return heads
-    outside = [n for n in linears if not any(n.startswith(f"{h}.") or not h for h in hf_models)]
+    outside = [n for n in linears if not any(is_within(n, h) for h in hf_models)]
     return set(outside[-1:])
 
 
@@ -258,9 +291,3 @@ def _candidates(modules: dict[str, nn.Module], limit: int = 20) -> str:
     shown = [f"{leaf} (x{count})" if count > 1 else leaf for leaf, count in counts.most_common(limit)]
     more = f", ... {len(counts) - limit} more" if len(counts) > limit else ""
     return ", ".join(shown) + more
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` is."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)

@@ -1,18 +1,14 @@
-"""Adapters on disk in Hugging Face PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Adapters on disk in Hugging Face PEFT's format (`lora_lightning.peft_format`): one adapter per folder.
 
-One folder holds one adapter. Tensor keys are ``base_model.model.<module>.<key>`` without the adapter's
-name: ``lora_A.weight`` (``[r, in, ...]``) and ``lora_B.weight`` (``[out, r, ...]``), ``lora_embedding_A``/``_B``
-for embeddings, ``lora_magnitude_vector`` for DoRA, and ``<param>`` for ``modules_to_save``. Loading never
-unpickles: JSON and safetensors only. Writes go to a temporary folder that replaces the target in one step.
+Loading never unpickles: JSON and safetensors only. Writes are atomic (`lora_lightning.files`): the folder is
+built next to the target and replaces it in one step.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,10 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_lightning.adapters import active_adapter, set_active_adapter
-from lora_lightning.config import _INIT, LoRAConfig, _is_positive_finite
-from lora_lightning.inject import InjectionReport, find_targets, inject_lora, matches
+from lora_lightning.config import LoRAConfig, field_problems
+from lora_lightning.files import write_folder_atomically
+from lora_lightning.inject import InjectionReport, find_targets, inject_lora
 from lora_lightning.layers import LoRALayer, lora_layer_type
-from lora_lightning.names import canonical_name
+from lora_lightning.modules import canonical_name, is_within, matches
 from lora_lightning.params import (
     adapter_names,
     lora_layers,
@@ -37,13 +34,19 @@ from lora_lightning.params import (
     param_summary,
     trained_in_full_modules,
 )
+from lora_lightning.peft_format import (
+    ADAPTER_FILES,
+    ADAPTER_KEYS,
+    CONFIG_NAME,
+    PEFT_KEYS,
+    PEFT_PREFIX,
+    WEIGHTS_NAME,
+    from_peft,
+    to_peft,
+)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
-# What a LoRA layer's adapter holds in a PEFT file, after the module name.
-ADAPTER_KEYS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+# The adapter_config.json fields that loading uses; the targets come from the tensor file's keys.
+LOADED_FIELDS = ("r", "alpha", "dropout", "use_rslora", "use_dora", "init", "rank_pattern", "alpha_pattern")
 
 
 class AdapterFormatError(ValueError):
@@ -112,7 +115,7 @@ def save_adapter(
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     try:
-        _write_folder_atomically(path, write)
+        write_folder_atomically(path, write)
     except OSError as err:
         raise type(err)(f"save_adapter: cannot write {str(path)!r}: {err}; choose a writable folder") from err
     return path
@@ -128,12 +131,17 @@ def load_adapter(
     (``save_embedding_layers``) load into that base layer, as in PEFT. Everything is checked before the model
     is touched."""
     config_file, weights_file = _adapter_files(Path(path))
-    peft = _read_peft_config(config_file)
+    values, saved_patterns = _read_peft_config(config_file)
     lora, extra = _split_keys(_read_tensors(weights_file), weights_file)
     names = {canonical_name(n): n for n, _ in model.named_modules() if n}  # PEFT's name -> the model's name
-    saved = [p for p in names if matches(p, peft["modules_to_save"] or [])]
+    saved = [p for p in names if matches(p, saved_patterns or [])]
     targets = [names.get(p, p) for p in sorted(lora)]
-    config = _lora_config(peft, targets, [names[p] for p in saved], path)
+    # re-creates the saved adapter on exactly the modules the file holds tensors for
+    config = LoRAConfig(
+        **values,
+        target_modules="|".join(re.escape(t) for t in targets),
+        modules_to_save=[names[p] for p in saved] or None,
+    )
     extra_keys = _check_fit(model, config, adapter_name, lora, extra, names, saved, weights_file)
 
     if not list(lora_layers(model, adapter_name)):
@@ -186,47 +194,30 @@ def _peft_config(
     }
     if suffixes & set(specs):
         targets = "|".join(re.escape(t) for t in targets)
-    return {
+    values = {
+        "r": r,
+        "alpha": alpha,
+        "dropout": dropout,
+        "target_modules": targets,
+        "exclude_modules": None,
+        "use_rslora": use_rslora,
+        "modules_to_save": saved or None,
+        "use_dora": use_dora,
+        "init": init,
+        "rank_pattern": {"^" + re.escape(n): s.r for n, s in sorted(specs.items()) if s.r != r},
         "alpha_pattern": {"^" + re.escape(n): s.alpha for n, s in sorted(specs.items()) if s.alpha != alpha},
+    }
+    return {
+        **to_peft(values),
         "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
-        "exclude_modules": None,
         "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for _, layer in layers),
         "inference_mode": True,
-        "init_lora_weights": True if init == "kaiming" else init,
         "layers_pattern": None,
         "layers_to_transform": None,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "modules_to_save": saved or None,
         "peft_type": "LORA",
-        "r": r,
-        "rank_pattern": {"^" + re.escape(n): s.r for n, s in sorted(specs.items()) if s.r != r},
-        "target_modules": targets,
         "task_type": None,
-        "use_dora": use_dora,
-        "use_rslora": use_rslora,
     }
-
-
-def _lora_config(peft: dict[str, Any], targets: list[str], saved: list[str], path: Any) -> LoRAConfig:
-    """The `LoRAConfig` that re-creates the saved adapter on exactly ``targets``."""
-    init = peft.get("init_lora_weights", True)
-    try:
-        return LoRAConfig(
-            r=peft["r"],
-            alpha=peft["lora_alpha"],
-            dropout=peft.get("lora_dropout") or 0.0,
-            target_modules="|".join(re.escape(t) for t in targets),
-            use_rslora=bool(peft.get("use_rslora")),
-            use_dora=bool(peft.get("use_dora")),
-            init="kaiming" if isinstance(init, bool) else init,
-            rank_pattern=peft.get("rank_pattern") or None,
-            alpha_pattern=peft.get("alpha_pattern") or None,
-            modules_to_save=saved or None,
-        )
-    except ValueError as err:
-        raise AdapterFormatError(f"load_adapter: the adapter in {str(path)!r} has unusable fields: {err}") from None
 
 
 def _adapter_files(path: Path) -> tuple[Path, Path]:
@@ -247,7 +238,9 @@ def _adapter_files(path: Path) -> tuple[Path, Path]:
     return files
 
 
-def _read_peft_config(file: Path) -> dict[str, Any]:
+def _read_peft_config(file: Path) -> tuple[dict[str, Any], list[str] | None]:
+    """The `LoRAConfig` values of ``LOADED_FIELDS`` and the ``modules_to_save`` entries in ``adapter_config.json``,
+    each checked by `LoRAConfig`'s own rules; every problem is reported at once, by PEFT's key."""
     try:
         peft = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -256,34 +249,17 @@ def _read_peft_config(file: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"load_adapter: {str(file)!r} must hold a JSON object")
     problems = []
     if peft.get("peft_type") != "LORA":
-        problems.append(f"peft_type={peft.get('peft_type')!r} (only 'LORA' adapters load)")
-    r, alpha = peft.get("r"), peft.get("lora_alpha")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        problems.append(f"r={r!r} (must be a positive int)")
-    if not _is_positive_finite(alpha):
-        problems.append(f"lora_alpha={alpha!r} (must be a positive finite number)")
-    dropout, rslora = peft.get("lora_dropout"), peft.get("use_rslora")
-    if dropout is not None and (
-        not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1
-    ):
-        problems.append(f"lora_dropout={dropout!r} (must be a number in [0, 1))")
-    if rslora is not None and not isinstance(rslora, bool):
-        problems.append(f"use_rslora={rslora!r} (must be true or false)")
-    for key in ("use_dora", "fan_in_fan_out"):  # fan_in_fan_out follows from the layer type: GPT-2's Conv1D
-        if peft.get(key) not in (True, False, None):
-            problems.append(f"{key}={peft[key]!r} (must be true or false)")
+        problems.append(f"peft_type={peft.get('peft_type')!r}: only 'LORA' adapters load")
     if peft.get("bias", "none") not in ("none", None):
-        problems.append(f"bias={peft['bias']!r} (not supported; only 'none')")
-    init = peft.get("init_lora_weights", True)
-    if not isinstance(init, bool) and not (isinstance(init, str) and _INIT.fullmatch(init)):
-        problems.append(f"init_lora_weights={init!r} (supported: true, false, 'gaussian', 'pissa', 'olora')")
-    saved = peft.get("modules_to_save")
-    if saved is not None and (not isinstance(saved, list) or not all(isinstance(s, str) for s in saved)):
-        problems.append(f"modules_to_save={saved!r} (must be a list of module names)")
+        problems.append(f"bias={peft['bias']!r}: not supported; only 'none'")
+    if peft.get("fan_in_fan_out") not in (True, False, None):  # follows from the layer type (GPT-2's Conv1D)
+        problems.append(f"fan_in_fan_out={peft['fan_in_fan_out']!r}: must be true or false (a bool)")
+    values = from_peft(peft, (*LOADED_FIELDS, "modules_to_save"))
+    for field, value in values.items():
+        problems += field_problems(field, value, shown_as=PEFT_KEYS[field])
     if problems:
         raise AdapterFormatError(f"load_adapter: {str(file)!r} has unusable fields: " + "; ".join(problems))
-    peft.setdefault("modules_to_save", None)
-    return peft
+    return {field: values[field] for field in LOADED_FIELDS}, values["modules_to_save"]
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -345,7 +321,7 @@ def _check_fit(
     for name, tensors in sorted(lora.items()):
         module = model.get_submodule(names[name]) if name in names else None
         spec = config.spec_for(names.get(name, name))
-        owner = next((s for s in saved if name == s or name.startswith(s + ".")), None)
+        owner = next((s for s in saved if is_within(name, s)), None)
         if owner is not None:
             problems.append(
                 f"{name}: has LoRA tensors but is inside modules_to_save entry {owner!r}; it is one or the other"
@@ -357,19 +333,20 @@ def _check_fit(
                 f"{name}: the model's adapter {adapter_name!r} has {module.spec(adapter_name)}; the file {spec}"
             )
             continue
-        layer = module if isinstance(module, LoRALayer) else _bare_layer(module)
-        if layer is None:
-            kind = "no such module" if module is None else f"a {type(module).__name__}, which takes no LoRA"
-            problems.append(f"{name}: {kind} in the model")
+        base_module = module.base_layer if isinstance(module, LoRALayer) else module
+        kind = lora_layer_type(base_module) if base_module is not None else None
+        if kind is None:
+            what = "no such module" if module is None else f"a {type(module).__name__}, which takes no LoRA"
+            problems.append(f"{name}: {what} in the model")
             continue
         try:
-            needed = layer.adapter_shapes(spec)
+            needed = kind.adapter_shapes(base_module, spec)
         except (RuntimeError, TypeError, OverflowError) as err:
             problems.append(f"{name}: an adapter with r={spec.r} cannot be built ({str(err).splitlines()[0]})")
             continue
         if set(tensors) != set(needed):
             present = ", ".join(sorted(tensors))
-            problems.append(f"{name}: only {present} present; a {type(layer).__name__} needs {sorted(needed)}")
+            problems.append(f"{name}: only {present} present; a {kind.__name__} needs {sorted(needed)}")
             continue
         for key, shape in needed.items():
             if tuple(tensors[key].shape) != shape:
@@ -381,7 +358,7 @@ def _check_fit(
     state = model.state_dict()
     keys = {}
     for key, tensor in sorted(extra.items()):
-        owner = next((p for p in saved if key.startswith(p + ".")), None)
+        owner = next((p for p in saved if is_within(key, p)), None)
         model_key = target_key = names[owner] + key[len(owner) :] if owner else None
         layer, base, param = key.rpartition(".base_layer.")
         if owner is None and base and layer in lora and layer in names:
@@ -409,64 +386,3 @@ def _check_fit(
         shown = "\n  - ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise AdapterFormatError(f"load_adapter: {str(file)!r} does not fit this model:\n  - {shown}")
     return keys
-
-
-def _bare_layer(module: nn.Module | None) -> LoRALayer | None:
-    """An adapter-less LoRA layer around ``module`` (which stays untouched), to ask what shapes it needs."""
-    kind = lora_layer_type(module) if module is not None else None
-    return kind(module) if kind is not None else None
-
-
-def _write_folder_atomically(path: Path, write: Any) -> None:
-    """Build the folder next to ``path`` and swap it in, so readers see the old or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{os.urandom(6).hex()}"
-    staging.mkdir()  # not tempfile.mkdtemp: its folders are always 0700, this one honours the umask
-    try:
-        write(staging)
-        for file in staging.iterdir():
-            fsync_path(file)
-        if path.exists():
-            _exchange(staging, path)  # staging now holds the old folder
-            shutil.rmtree(staging)
-        else:
-            os.rename(staging, path)
-        fsync_path(path.parent)
-        remove_stale_staging(path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def remove_stale_staging(path: Path) -> None:
-    """Delete what writers killed mid-save left next to ``path`` (``.<name>.tmp-*``), after a save succeeded."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-
-
-def _exchange(a: Path, b: Path) -> None:
-    """Swap two folders in one step (Linux ``renameat2(RENAME_EXCHANGE)``); elsewhere, two renames."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        at_fdcwd, rename_exchange = -100, 2
-        if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-            return
-    except (AttributeError, OSError):
-        pass
-    old = a.with_name(a.name + ".old")
-    os.rename(b, old)
-    os.rename(a, b)
-    os.rename(old, a)
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

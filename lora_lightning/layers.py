@@ -81,14 +81,6 @@ class LoRALayer(nn.Module):
     def scaling(self) -> float:
         return self.spec().scaling
 
-    @property
-    def dropout(self) -> float:
-        return self.spec().dropout
-
-    @property
-    def use_rslora(self) -> bool:
-        return self.spec().use_rslora
-
     def add_adapter(self, name: str, spec: AdapterSpec) -> None:
         """Add adapter ``name`` (initialised per ``spec.init``) and make it the active one."""
         if name in self.specs:
@@ -99,7 +91,7 @@ class LoRALayer(nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
         factory = {"device": self._weight_device(), "dtype": self.adapter_dtype()}
-        for attr, factor in zip(self.adapter_attrs, self._new_factors(spec.r, factory), strict=True):
+        for attr, factor in zip(self.adapter_attrs, self._new_factors(self.base_layer, spec.r, factory), strict=True):
             self._container(attr)[name] = factor
         applies = spec.dropout > 0 and self._input_dropout
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if applies else nn.Identity()
@@ -135,15 +127,16 @@ class LoRALayer(nn.Module):
             tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return tensors
 
-    def adapter_shapes(self, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
-        """The shapes ``adapter_tensors`` would have for an adapter with ``spec``, without building it."""
+    @classmethod
+    def adapter_shapes(cls, base: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+        """The shapes ``adapter_tensors`` would have for an adapter with ``spec`` on ``base``, without building it."""
         with torch.device("meta"):
-            factors = self._new_factors(spec.r, {"dtype": torch.float32})
+            factors = cls._new_factors(base, spec.r, {"dtype": torch.float32})
             shapes = {
-                _file_key(attr, f): tuple(_weight(f).shape) for attr, f in zip(self.adapter_attrs, factors, strict=True)
+                _file_key(attr, f): tuple(_weight(f).shape) for attr, f in zip(cls.adapter_attrs, factors, strict=True)
             }
         if spec.use_dora:
-            shapes["lora_magnitude_vector"] = self._magnitude_shape()
+            shapes["lora_magnitude_vector"] = cls._magnitude_shape(base)
         return shapes
 
     def state_key(self, name: str, file_key: str) -> str:
@@ -158,7 +151,7 @@ class LoRALayer(nn.Module):
         if self.merged or self.disabled or name not in self.specs:
             return self.base_layer(x, *args, **kwargs)
         spec = self.specs[name]
-        out = self._base_forward(x, name, *args, **kwargs)
+        out = self._fused_forward(x, name, *args, **kwargs)
         if out is not None:
             return out
         out = self.base_layer(x, *args, **kwargs)
@@ -174,8 +167,9 @@ class LoRALayer(nn.Module):
         unbiased = out if bias is None else out - self._channel_view(bias)
         return out + (scale - 1) * unbiased + (scale * spec.scaling) * update
 
-    def _base_forward(self, x: torch.Tensor, name: str, *args: object, **kwargs: object) -> torch.Tensor | None:
-        """A faster path for the whole layer, or ``None`` to use the generic one."""
+    def _fused_forward(self, x: torch.Tensor, name: str, *args: object, **kwargs: object) -> torch.Tensor | None:
+        """A fused path for the whole layer (base and adapter in one autograd node), or ``None`` for the generic
+        one."""
         return None
 
     # ------------------------------------------------------------------ merging
@@ -231,10 +225,11 @@ class LoRALayer(nn.Module):
     def _channel_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """The norm of each output channel of ``weight`` (in the base weight's layout), shaped like the magnitude."""
         dims = [d for d in range(weight.dim()) if d != self._channel_dim]
-        return torch.linalg.vector_norm(weight, dim=dims).reshape(self._magnitude_shape())
+        return torch.linalg.vector_norm(weight, dim=dims).reshape(self._magnitude_shape(self.base_layer))
 
-    def _magnitude_shape(self) -> tuple[int, ...]:
-        return (self.out_features,)
+    @classmethod
+    def _magnitude_shape(cls, base: nn.Module) -> tuple[int, ...]:
+        return (cls.features(base)[1],)
 
     def _weight_scale_shape(self) -> tuple[int, ...]:
         """The magnitude's shape for scaling the base weight along its channel axis."""
@@ -280,7 +275,10 @@ class LoRALayer(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(b)
 
-    def _new_factors(self, r: int, factory: dict) -> tuple[nn.Module | nn.Parameter, nn.Module | nn.Parameter]:
+    @classmethod
+    def _new_factors(
+        cls, base: nn.Module, r: int, factory: dict
+    ) -> tuple[nn.Module | nn.Parameter, nn.Module | nn.Parameter]:
         raise NotImplementedError
 
     def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -290,13 +288,18 @@ class LoRALayer(nn.Module):
     def _delta(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    @property
-    def in_features(self) -> int:
+    @classmethod
+    def features(cls, base: nn.Module) -> tuple[int, int]:
+        """``(in, out)`` of ``base``: the sizes of ``A``'s input and ``B``'s output."""
         raise NotImplementedError
 
     @property
+    def in_features(self) -> int:
+        return self.features(self.base_layer)[0]
+
+    @property
     def out_features(self) -> int:
-        raise NotImplementedError
+        return self.features(self.base_layer)[1]
 
     def extra_repr(self) -> str:
         specs = ", ".join(
@@ -318,22 +321,20 @@ class LoRALinear(LoRALayer):
     def fan_in_fan_out(self) -> bool:
         return not isinstance(self.base_layer, nn.Linear)
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.weight.shape[0] if self.fan_in_fan_out else self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.weight.shape[1] if self.fan_in_fan_out else self.base_layer.out_features
+    @classmethod
+    def features(cls, base: nn.Module) -> tuple[int, int]:
+        if isinstance(base, nn.Linear):  # also a 4-bit base, whose packed weight has another shape
+            return base.in_features, base.out_features
+        return base.weight.shape[0], base.weight.shape[1]  # GPT-2's Conv1D stores W^T
 
     @property
     def _channel_dim(self) -> int:  # type: ignore[override]
         return 1 if self.fan_in_fan_out else 0
 
-    def _new_factors(self, r: int, factory: dict) -> tuple[nn.Module, nn.Module]:
-        return nn.Linear(self.in_features, r, bias=False, **factory), nn.Linear(
-            r, self.out_features, bias=False, **factory
-        )
+    @classmethod
+    def _new_factors(cls, base: nn.Module, r: int, factory: dict) -> tuple[nn.Module, nn.Module]:
+        in_features, out_features = cls.features(base)
+        return nn.Linear(in_features, r, bias=False, **factory), nn.Linear(r, out_features, bias=False, **factory)
 
     def _delta(self, name: str) -> torch.Tensor:
         delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()
@@ -374,7 +375,7 @@ class LoRALinear(LoRALayer):
         self.lora_B[name].weight.copy_(b)
         self._set_base_weight(self.base_weight() - self.delta_weight(name))
 
-    def _base_forward(self, x: torch.Tensor, name: str, *args: object, **kwargs: object) -> torch.Tensor | None:
+    def _fused_forward(self, x: torch.Tensor, name: str, *args: object, **kwargs: object) -> torch.Tensor | None:
         spec = self.specs[name]
         base = self.base_layer
         if (
@@ -403,18 +404,16 @@ class LoRAEmbedding(LoRALayer):
     _channel_dim = 1
     _input_dropout = False
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.num_embeddings
+    @classmethod
+    def features(cls, base: nn.Module) -> tuple[int, int]:
+        return base.num_embeddings, base.embedding_dim
 
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.embedding_dim
-
-    def _new_factors(self, r: int, factory: dict) -> tuple[nn.Parameter, nn.Parameter]:
+    @classmethod
+    def _new_factors(cls, base: nn.Module, r: int, factory: dict) -> tuple[nn.Parameter, nn.Parameter]:
+        in_features, out_features = cls.features(base)
         return (
-            nn.Parameter(torch.empty(r, self.in_features, **factory)),
-            nn.Parameter(torch.empty(self.out_features, r, **factory)),
+            nn.Parameter(torch.empty(r, in_features, **factory)),
+            nn.Parameter(torch.empty(out_features, r, **factory)),
         )
 
     def _init_adapter(self, name: str) -> None:
@@ -454,32 +453,29 @@ class LoRAConv(LoRALayer):
             )
         return problems
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_channels
+    @classmethod
+    def features(cls, base: nn.Module) -> tuple[int, int]:
+        return base.in_channels, base.out_channels
 
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_channels
-
-    def _new_factors(self, r: int, factory: dict) -> tuple[nn.Module, nn.Module]:
-        base = self.base_layer
+    @classmethod
+    def _new_factors(cls, base: nn.Module, r: int, factory: dict) -> tuple[nn.Module, nn.Module]:
         conv = type(base)
         ones = (1,) * len(base.kernel_size)
         return (
-            conv(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **factory),
-            conv(r, self.out_features, ones, ones, bias=False, **factory),
+            conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, **factory),
+            conv(r, base.out_channels, ones, ones, bias=False, **factory),
         )
 
     def _delta(self, name: str) -> torch.Tensor:
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         return (b.flatten(1) @ a.flatten(1)).reshape(self.base_layer.weight.shape)
 
-    def _magnitude_shape(self) -> tuple[int, ...]:
-        return (1, self.out_features, *(1 for _ in self.base_layer.kernel_size))
+    @classmethod
+    def _magnitude_shape(cls, base: nn.Module) -> tuple[int, ...]:
+        return (1, base.out_channels, *(1 for _ in base.kernel_size))
 
     def _channel_view(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias.reshape(self._magnitude_shape())
+        return bias.reshape(self._magnitude_shape(self.base_layer))
 
 
 def lora_layer_type(module: nn.Module) -> type[LoRALayer] | None:

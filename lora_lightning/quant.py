@@ -1,4 +1,4 @@
-"""Frozen 4-bit NF4 bases for QLoRA: quantize a model's linear layers, and read them back in fp32.
+"""Frozen 4-bit NF4 bases for QLoRA: what a 4-bit layer is, how to build one, and how to read it back in fp32.
 
 Two kinds, both running forward and backward (input gradients) on CPU as well as on GPU:
 
@@ -8,7 +8,8 @@ Two kinds, both running forward and backward (input gradients) on CPU as well as
 
 Both compute as bitsandbytes does: the input is cast to the layer's compute dtype, the weight is dequantized
 to it, and the output is cast back to the input's dtype. The packages are imported only when a model is
-quantized (``pip install 'lora-lightning[quant]'``); `is_quantized` never imports them.
+quantized (``pip install 'lora-lightning[quant]'``); `is_quantized` never imports them. Quantizing a whole
+model is `lora_lightning.quantize.quantize_linears`.
 
 For a LoRA layer around a quantized ``base_layer``: forward calls ``base_layer(x)``; adapters use
 `compute_dtype`; merging adds an fp32 delta to `dequantized_weight` and puts back `dequantize_linear`'s
@@ -22,7 +23,7 @@ import copy
 import importlib
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Literal, get_args
 
 import torch
@@ -74,86 +75,6 @@ class NF4Linear(nn.Linear):
         return f"{super().extra_repr()}, compute_dtype={self.compute_dtype}"
 
 
-def quantize_linears(
-    model: nn.Module,
-    kind: Kind,
-    compute_dtype: torch.dtype | str = torch.bfloat16,
-    skip: Sequence[str] | None = None,
-) -> list[str]:
-    """Replace the model's ``nn.Linear`` layers by frozen 4-bit NF4 layers of ``kind``; return their names.
-
-    ``skip`` lists layers (names or dotted suffixes; a module skips every linear inside it) kept in full
-    precision; ``None`` keeps the output head, as ``target_modules="all-linear"`` does. Only layers of type
-    exactly ``nn.Linear`` are quantized, never one whose weight is shared (tied) with another module, and the
-    quantized layers' weight and bias are frozen. Quantize before injecting LoRA. Everything is checked
-    first: on error the model is untouched.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}: must be one of {', '.join(map(repr, KINDS))}")
-    dtype = _compute_dtype_arg(compute_dtype)
-    if skip is not None and (isinstance(skip, str) or not all(isinstance(s, str) for s in skip)):
-        raise TypeError(f"skip={skip!r}: must be a list of module names or dotted suffixes (or None)")
-    _require(kind)
-
-    # imported here: the LoRA layers import this module
-    from lora_lightning.inject import _output_heads, matches, replace_module
-    from lora_lightning.params import lora_layers, tied_parameter_ids
-
-    existing = [name for name, _ in lora_layers(model)]
-    if existing:
-        raise ValueError(
-            f"the model already has LoRA layers (e.g. {existing[0]!r}); quantize the base first, then inject LoRA"
-        )
-    modules = {name: module for name, module in model.named_modules() if name}
-    if skip is None:
-        skipped = _output_heads(model)
-    else:
-        unmatched = [entry for entry in skip if not any(matches(name, [entry]) for name in modules)]
-        if unmatched:
-            raise ValueError(f"skip: {unmatched} match no module of the model")
-        skipped = {name for name in modules if matches(name, list(skip))}
-    tied = tied_parameter_ids(model)
-    targets = [
-        name
-        for name, module in modules.items()
-        if type(module) is nn.Linear
-        and id(module.weight) not in tied
-        and not any(name == s or name.startswith(s + ".") for s in skipped)
-    ]
-    if not targets:
-        raise ValueError(
-            "cannot quantize: the model has no nn.Linear layer left to quantize (skipped: "
-            f"{sorted(skipped) or 'none'}; tied weights and nn.Linear subclasses are never quantized)"
-        )
-    problems = []
-    for name in targets:
-        weight = modules[name].weight
-        if weight.is_meta:
-            problems.append(f"{name}: its weight is on the meta device; load real weights first")
-        elif not weight.is_floating_point():
-            problems.append(f"{name}: weight dtype {weight.dtype} is not floating point")
-        elif kind == "bnb-nf4" and weight.device.type == "cpu" and not _bnb_cpu_shape_ok(modules[name]):
-            problems.append(
-                f"{name}: {modules[name].in_features} -> {modules[name].out_features}: bitsandbytes on CPU needs "
-                f"in_features to be a multiple of {BLOCKSIZE} and more than {BLOCKSIZE} weights (other shapes "
-                "compute wrongly, fail or crash); skip it or use kind='torchao-nf4'"
-            )
-        elif kind == "torchao-nf4" and weight.numel() % BLOCKSIZE:
-            problems.append(
-                f"{name}: {weight.shape[0]}x{weight.shape[1]} = {weight.numel()} weights, not a multiple of the "
-                f"NF4 blocksize {BLOCKSIZE} that torchao needs; skip it or use kind='bnb-nf4'"
-            )
-    if problems:
-        raise ValueError("cannot quantize:\n  - " + "\n  - ".join(problems))
-    build = _bnb_linear if kind == "bnb-nf4" else NF4Linear.from_linear
-    with torch.no_grad():
-        for name in targets:
-            replace_module(model, name, build(modules[name], dtype))
-    return targets
-
-
 def is_quantized(layer: nn.Module) -> bool:
     """Whether ``layer`` is a 4-bit linear layer this module reads: bitsandbytes ``Linear4bit`` (from anywhere,
     e.g. transformers' 4-bit loading) or an ``nn.Linear`` holding a torchao ``NF4Tensor`` weight."""
@@ -183,7 +104,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     bnb_functional = importlib.import_module("bitsandbytes.functional")
     state = weight.quant_state if weight.quant_state is not None else layer.quant_state
     data = weight.data
-    if getattr(state, "packing_format_for_cpu", False):  # the CPU inference layout (see _bnb_linear): undo it
+    if getattr(state, "packing_format_for_cpu", False):  # the CPU inference layout (see bnb_linear): undo it
         data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
     return bnb_functional.dequantize_4bit(data, state).float().reshape(layer.out_features, layer.in_features)
 
@@ -245,7 +166,7 @@ def storage_bytes(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _compute_dtype_arg(value: torch.dtype | str) -> torch.dtype:
+def compute_dtype_arg(value: torch.dtype | str) -> torch.dtype:
     dtype = getattr(torch, value, None) if isinstance(value, str) else value
     if dtype not in COMPUTE_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in COMPUTE_DTYPES)
@@ -253,7 +174,7 @@ def _compute_dtype_arg(value: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def _require(kind: str) -> None:
+def require(kind: str) -> None:
     """Import the package ``kind`` needs, or say how to install it."""
     package = _PACKAGES[kind]
     try:
@@ -269,7 +190,7 @@ def _require(kind: str) -> None:
 @contextlib.contextmanager
 def _quiet_import() -> Iterator[None]:
     """Drop import-time notes about native kernels the NF4 layers never use: torchao's CUDA extensions that a
-    CPU torch cannot load, and bitsandbytes 0.49+'s optional CPU inference kernel (`_bnb_linear` turns that
+    CPU torch cannot load, and bitsandbytes 0.49+'s optional CPU inference kernel (`bnb_linear` turns that
     path off). Only while this module imports the package; transformers may have imported torchao earlier."""
     quiet = ("Failed to load", "Skipping import of cpp extensions", "<enum '")
     loggers = [logging.getLogger(n) for n in ("bitsandbytes.backends.cpu.ops", "torchao", "torch.utils._pytree")]
@@ -310,14 +231,15 @@ def _check_quantized(layer: nn.Module, what: str) -> None:
         raise TypeError(f"{what}(): {type(layer).__name__} is not a 4-bit layer (bnb Linear4bit or torchao NF4)")
 
 
-def _bnb_cpu_shape_ok(layer: nn.Linear) -> bool:
+def bnb_cpu_shape_ok(layer: nn.Linear) -> bool:
     """Shapes bitsandbytes' CPU 4-bit kernels get right. 0.49.0 to at least 0.50.2 compute wrong forward,
     backward and dequantized values when ``in_features`` is a multiple of 16 but not of 64; 0.48.2 raises for
     an odd weight count and crashes (segfault) quantizing a single block with double quantization."""
     return layer.in_features % BLOCKSIZE == 0 and layer.in_features * layer.out_features > BLOCKSIZE
 
 
-def _bnb_linear(old: nn.Linear, dtype: torch.dtype) -> nn.Module:
+def bnb_linear(old: nn.Linear, dtype: torch.dtype) -> nn.Module:
+    """A frozen bitsandbytes ``Linear4bit`` (NF4, double-quantized scales) holding ``old``'s weight and bias."""
     bnb = importlib.import_module("bitsandbytes")
     weight = old.weight.detach()
     layer = bnb.nn.Linear4bit(

@@ -34,6 +34,7 @@ from lora_lightning.app.runstats import RunStats
 
 log = logging.getLogger(__name__)
 
+
 def config_dir() -> Path:
     """The Hydra configs: ``conf/`` at the top of a source checkout, shipped inside the wheel as
     ``lora_lightning/app/conf``."""

@@ -36,8 +36,8 @@ from lora_lightning import (
     save_adapter,
     set_active_adapter,
 )
-from lora_lightning.io import CONFIG_NAME, WEIGHTS_NAME
 from lora_lightning.params import lora_layers
+from lora_lightning.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.helpers.adapters import assert_unchanged, perturb_peft_adapter, snapshot
 from tests.helpers.models import LlamaModule, MLPModule, classification_data, make_llama, make_trainer, token_data
 

@@ -238,3 +238,14 @@ def test_tiny_llama_fine_tune(tmp_path):
     trainer.fit(module, token_data())
     assert sum(isinstance(m, LoRALinear) for m in module.modules()) == 14  # 7 projections x 2 layers
     assert losses[-1] < losses[0]
+
+
+def test_a_second_lora_callback_in_one_trainer_is_refused_before_any_change(tmp_path):
+    """Two callbacks would patch the same hooks and train one adapter silently; the first one's setup refuses."""
+    module = MLPModule()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    first, second = LoRAFinetuneCallback(CONFIG), LoRAFinetuneCallback(CONFIG, adapter_name="other")
+    with pytest.raises(RuntimeError, match=r"2 LoRAFinetuneCallbacks \(adapters \['default', 'other'\]\).*one"):
+        fit(module, tmp_path, callbacks=[second], lora=first)
+    assert not any(isinstance(m, LoRALinear) for m in module.modules()), "an adapter was injected"
+    assert module.state_dict().keys() == before.keys()

@@ -90,7 +90,7 @@ def test_a_module_sharded_before_injection_is_refused(tmp_path):
     import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor, init_device_mesh
 
-    from lora_lightning.callback import _refuse_sharded
+    from lora_lightning.inject import _refuse_sharded
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:

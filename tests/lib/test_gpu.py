@@ -17,7 +17,7 @@ def test_fused_path_matches_module_path_on_cuda_bf16(dropout):
     torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer.eval()  # dropout off: both paths compute the same function
-    assert layer._base_forward(x, "default") is not None  # the fused node applies
+    assert layer._fused_forward(x, "default") is not None  # the fused node applies
     fused = layer(x)
     fused.float().square().sum().backward()
     grads = [t.grad.clone() for t in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)]

@@ -28,8 +28,8 @@ from lora_lightning import (
     merge_lora,
     save_adapter,
 )
-from lora_lightning.io import CONFIG_NAME, WEIGHTS_NAME
 from lora_lightning.params import lora_layers
+from lora_lightning.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.helpers.adapters import perturb_adapters_
 from tests.helpers.models import make_llama, make_trainer
 

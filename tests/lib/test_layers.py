@@ -124,7 +124,7 @@ def test_fused_path_equals_the_module_path():
     layer.base_layer.requires_grad_(False)
     nn.init.normal_(layer.lora_B["default"].weight)
     x = torch.randn(4, 3, 12, dtype=torch.float64, requires_grad=True)
-    assert layer._base_forward(x, "default") is not None  # the fused node applies
+    assert layer._fused_forward(x, "default") is not None  # the fused node applies
     fused = layer(x)
     fused.square().sum().backward()
     fused_grads = [t.grad.clone() for t in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)]

@@ -29,8 +29,8 @@ from lora_lightning import (
     load_adapter,
     save_adapter,
 )
-from lora_lightning.io import CONFIG_NAME
 from lora_lightning.params import lora_layers, trained_in_full_modules
+from lora_lightning.peft_format import CONFIG_NAME
 from tests.helpers.models import make_llama, make_trainer, token_data
 
 transformers = pytest.importorskip("transformers")

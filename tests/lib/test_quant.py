@@ -16,6 +16,7 @@ from lora_lightning import (
     merge_lora,
     param_summary,
     quant,
+    quantize_linears,
     save_adapter,
 )
 from tests.helpers.models import tiny_llama_config
@@ -58,7 +59,7 @@ def assert_same_state(before: dict, model: nn.Module) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quantizes_every_linear_but_the_head_frozen(kind, dtype):
     model = make_llama()
-    names = quant.quantize_linears(model, kind, compute_dtype=dtype)
+    names = quantize_linears(model, kind, compute_dtype=dtype)
     assert names == [f"model.layers.{i}.{part}.{leaf}" for i in range(2) for part, leaf in _parts()]
     for name in names:
         layer = model.get_submodule(name)
@@ -80,7 +81,7 @@ def _parts():
 def test_dequantized_weight_is_within_nf4_error_of_the_original(kind):
     model = make_llama()
     original = linear_weights(model)
-    for name in quant.quantize_linears(model, kind, compute_dtype=torch.bfloat16):
+    for name in quantize_linears(model, kind, compute_dtype=torch.bfloat16):
         weight = original[name]
         restored = quant.dequantized_weight(model.get_submodule(name))
         assert restored.dtype == torch.float32 and restored.shape == weight.shape
@@ -96,7 +97,7 @@ def test_dequantized_weight_is_within_nf4_error_of_the_original(kind):
 def test_forward_and_input_gradient_use_the_dequantized_weight(kind, dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 8))
-    quant.quantize_linears(model, kind, compute_dtype=dtype)
+    quantize_linears(model, kind, compute_dtype=dtype)
     layer = model[0]
     weight, bias = quant.dequantized_weight(layer), layer.bias.float()
     x = torch.randn(5, 64, requires_grad=True)
@@ -115,7 +116,7 @@ def test_input_gradients_survive_an_eval_pass(kind):
     repack its CPU weights then into a layout without autograd."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
-    quant.quantize_linears(model, kind, compute_dtype=torch.bfloat16)
+    quantize_linears(model, kind, compute_dtype=torch.bfloat16)
     weight = quant.dequantized_weight(model[0])
     model.eval()
     with torch.no_grad():
@@ -130,7 +131,7 @@ def test_input_gradients_survive_an_eval_pass(kind):
 def test_dequantize_linear_gives_a_plain_frozen_linear(kind):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
-    quant.quantize_linears(model, kind, compute_dtype=torch.bfloat16)
+    quantize_linears(model, kind, compute_dtype=torch.bfloat16)
     layer = model[0].eval()
     plain = quant.dequantize_linear(layer)
     assert type(plain) is nn.Linear and plain.weight.dtype == torch.bfloat16 and not plain.training
@@ -145,7 +146,7 @@ def test_dequantize_linear_gives_a_plain_frozen_linear(kind):
 
 def test_moving_the_model_keeps_it_quantized(kind):
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
-    quant.quantize_linears(model, kind, compute_dtype=torch.float32)
+    quantize_linears(model, kind, compute_dtype=torch.float32)
     weight = quant.dequantized_weight(model[0])
     model.to("cpu")
     assert quant.is_quantized(model[0]) and torch.equal(quant.dequantized_weight(model[0]), weight)
@@ -153,7 +154,7 @@ def test_moving_the_model_keeps_it_quantized(kind):
 
 def test_skip_replaces_the_default_and_takes_whole_modules(kind):
     model = make_llama()
-    names = quant.quantize_linears(model, kind, skip=["mlp", "model.layers.0.self_attn.q_proj"])
+    names = quantize_linears(model, kind, skip=["mlp", "model.layers.0.self_attn.q_proj"])
     assert names == [
         *(f"model.layers.0.self_attn.{leaf}" for leaf in LINEARS[1:4]),
         *(f"model.layers.1.self_attn.{leaf}" for leaf in LINEARS[:4]),
@@ -169,13 +170,13 @@ def test_tied_weights_and_linear_subclasses_are_left_alone(kind):
     first, second = nn.Linear(64, 64), nn.Linear(64, 64)
     second.weight = first.weight
     model = nn.Sequential(first, second, Scaled(64, 64), nn.Linear(64, 64), nn.Linear(64, 8))
-    assert quant.quantize_linears(model, kind) == ["3"]
+    assert quantize_linears(model, kind) == ["3"]
 
 
 def test_lora_on_a_quantized_base_trains_and_merges(kind):
     torch.manual_seed(0)
     model = make_llama().train()
-    quant.quantize_linears(model, kind, compute_dtype=torch.float32)
+    quantize_linears(model, kind, compute_dtype=torch.float32)
     frozen = {n: quant.dequantized_weight(m) for n, m in model.named_modules() if quant.is_quantized(m)}
     report = inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
     assert len(report.targets) == 14 and all(quant.is_quantized(model.get_submodule(n).base_layer) for n in frozen)
@@ -209,15 +210,15 @@ def test_bad_kind_dtype_or_skip_leave_the_model_untouched():
     model = make_llama()
     before = state(model)
     with pytest.raises(ValueError, match=r"kind='nf4': must be one of 'bnb-nf4', 'torchao-nf4'"):
-        quant.quantize_linears(model, "nf4")
+        quantize_linears(model, "nf4")
     with pytest.raises(ValueError, match=r"compute_dtype=torch\.float64: must be one of bfloat16, float16, float32"):
-        quant.quantize_linears(model, "bnb-nf4", compute_dtype=torch.float64)
+        quantize_linears(model, "bnb-nf4", compute_dtype=torch.float64)
     with pytest.raises(ValueError, match=r"compute_dtype='int8'"):
-        quant.quantize_linears(model, "torchao-nf4", compute_dtype="int8")
+        quantize_linears(model, "torchao-nf4", compute_dtype="int8")
     with pytest.raises(TypeError, match="skip="):
-        quant.quantize_linears(model, "bnb-nf4", skip="lm_head")
+        quantize_linears(model, "bnb-nf4", skip="lm_head")
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
-        quant.quantize_linears({"not": "a model"}, "bnb-nf4")
+        quantize_linears({"not": "a model"}, "bnb-nf4")
     assert_same_state(before, model)
 
 
@@ -225,9 +226,9 @@ def test_skip_naming_no_module_and_nothing_left_are_errors(kind):
     model = make_llama()
     before = state(model)
     with pytest.raises(ValueError, match=r"skip: \['qproj'\] match no module"):
-        quant.quantize_linears(model, kind, skip=["q_proj", "qproj"])
+        quantize_linears(model, kind, skip=["q_proj", "qproj"])
     with pytest.raises(ValueError, match=r"no nn\.Linear layer left to quantize"):
-        quant.quantize_linears(model, kind, skip=["model", "lm_head"])
+        quantize_linears(model, kind, skip=["model", "lm_head"])
     assert_same_state(before, model)
 
 
@@ -240,7 +241,7 @@ def test_a_missing_package_says_how_to_install_it(monkeypatch, kind_name):
         monkeypatch.delitem(sys.modules, loaded)
     monkeypatch.setitem(sys.modules, package, None)  # import now raises ImportError
     with pytest.raises(ImportError, match=rf"kind='{kind_name}' needs the {package} package.*lora-lightning\[quant\]"):
-        quant.quantize_linears(model, kind_name)
+        quantize_linears(model, kind_name)
     assert_same_state(before, model)
 
 
@@ -249,12 +250,12 @@ def test_quantizing_twice_or_after_lora_is_refused(kind):
     inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
     before = state(model)
     with pytest.raises(ValueError, match="quantize the base first, then inject LoRA"):
-        quant.quantize_linears(model, kind)
+        quantize_linears(model, kind)
     assert_same_state(before, model)
     again = make_llama()
-    quant.quantize_linears(again, kind)
+    quantize_linears(again, kind)
     with pytest.raises(ValueError, match=r"no nn\.Linear layer left"):
-        quant.quantize_linears(again, kind)
+        quantize_linears(again, kind)
 
 
 def test_shapes_a_kind_cannot_hold_are_refused_by_name():
@@ -263,27 +264,27 @@ def test_shapes_a_kind_cannot_hold_are_refused_by_name():
     model = nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 64), nn.Linear(32, 64), nn.Linear(64, 1), nn.Linear(64, 2))
     before = state(model)
     with pytest.raises(ValueError, match=r"- 0: 6x10 = 60 weights, not a multiple of the NF4 blocksize 64") as err:
-        quant.quantize_linears(model, "torchao-nf4", skip=[])
+        quantize_linears(model, "torchao-nf4", skip=[])
     assert "- 1:" not in str(err.value) and "- 2:" not in str(err.value)
     with pytest.raises(ValueError, match="bitsandbytes on CPU needs in_features to be a multiple of 64") as err:
-        quant.quantize_linears(model, "bnb-nf4", skip=[])
+        quantize_linears(model, "bnb-nf4", skip=[])
     assert [line.split(":")[0] for line in str(err.value).splitlines()[1:]] == ["  - 0", "  - 1", "  - 2", "  - 3"]
     assert_same_state(before, model)
-    assert quant.quantize_linears(model, "bnb-nf4", skip=["0", "1", "2", "3"]) == ["4"]
+    assert quantize_linears(model, "bnb-nf4", skip=["0", "1", "2", "3"]) == ["4"]
 
 
 def test_meta_weights_are_refused(kind):
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2))
     with pytest.raises(ValueError, match="0: its weight is on the meta device"):
-        quant.quantize_linears(model, kind)
+        quantize_linears(model, kind)
 
 
 def test_storage_counts_packed_weights_at_about_four_bits(kind):
     model = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256), nn.Linear(256, 512))
     model[2].weight = model[0].weight  # tied: counted once, and never quantized
     assert quant.storage_bytes(model) == 4 * (2 * 512 * 256 + 512 + 256 + 512)
-    assert quant.quantize_linears(model, kind, compute_dtype=torch.bfloat16) == ["1"]
+    assert quantize_linears(model, kind, compute_dtype=torch.bfloat16) == ["1"]
     rest = 4 * (512 * 256 + 512 + 512) + 2 * 256  # the tied fp32 weight, fp32 biases, the bf16 bias of "1"
     bits = 8 * (quant.storage_bytes(model) - rest) / (512 * 256)
     assert 4.0 < bits < 4.3  # 4-bit codes, an 8-bit scale per 64 weights, a few second-level scales
@@ -302,7 +303,7 @@ def test_an_fp32_model_trains_adapters_in_the_compute_dtype_and_counts_unpacked_
     their update joins the fp32 stream, and parameter counts stay those of the unquantized model."""
     model = make_llama().train()
     total = sum(p.numel() for p in model.parameters())
-    quant.quantize_linears(model, kind)  # compute dtype bf16
+    quantize_linears(model, kind)  # compute dtype bf16
     inject_lora(model, LoRAConfig(r=4, alpha=8))
     assert {p.dtype for p in adapter_parameters(model)} == {torch.bfloat16}
     assert param_summary(model).total == total + param_summary(model).adapter
@@ -321,7 +322,7 @@ def test_adapters_on_a_4bit_base_load_in_peft_and_back(kind, tmp_path):
 
     def quantized() -> nn.Module:
         model = make_llama()
-        quant.quantize_linears(model, kind, compute_dtype=torch.float32)
+        quantize_linears(model, kind, compute_dtype=torch.float32)
         return model
 
     def perturb(params) -> None:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_lightning import load_adapter, save_adapter
-from lora_lightning.io import CONFIG_NAME, WEIGHTS_NAME
+from lora_lightning.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.helpers.adapters import folder_bytes
 from tests.helpers.processes import worker_command, worker_env
 from tests.workers.adapter_worker import adapted_mlp

@@ -30,8 +30,8 @@ from lora_lightning import (
     load_adapter,
     save_adapter,
 )
-from lora_lightning.io import CONFIG_NAME, WEIGHTS_NAME
 from lora_lightning.params import lora_layers
+from lora_lightning.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.helpers.adapters import adapted_mlp, assert_unchanged, snapshot
 from tests.helpers.models import MLPModule, classification_data, make_mlp, make_trainer
 

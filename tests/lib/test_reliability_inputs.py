@@ -34,7 +34,7 @@ from lora_lightning import (
     load_adapter,
     save_adapter,
 )
-from lora_lightning.io import CONFIG_NAME, WEIGHTS_NAME
+from lora_lightning.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.helpers.adapters import adapted_mlp, assert_unchanged, snapshot
 from tests.helpers.models import MLPModule, classification_data, make_llama, make_mlp, make_trainer
 
@@ -223,25 +223,35 @@ def load_a_file_instead_of_a_folder(tmp, mp):
     return model, lambda: load_adapter(model, path / CONFIG_NAME)
 
 
-@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "lora_alpha='16' (must be a positive finite number)")
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "lora_alpha='16': must be a positive finite number")
 def load_config_alpha_is_a_string(tmp, mp):
     return load_into_mlp(tmp, lambda p: edit_config(p, lora_alpha="16"))
 
 
-@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "r='4' (must be a positive int)")
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "r='4': the rank must be a positive int")
 def load_config_r_is_a_string(tmp, mp):
     return load_into_mlp(tmp, lambda p: edit_config(p, r="4"))
 
 
-@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "lora_dropout=1.5 (must be a number in [0, 1))")
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "lora_dropout=1.5: must be a number in [0, 1)")
 def load_config_dropout_out_of_range(tmp, mp):
     return load_into_mlp(tmp, lambda p: edit_config(p, lora_dropout=1.5))
 
 
-@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "use_rslora='false' (must be true or false)")
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "use_rslora='false': must be true or false")
 def load_config_use_rslora_is_a_string(tmp, mp):
     """bool('false') is True: this used to switch on rank-stabilised scaling silently."""
     return load_into_mlp(tmp, lambda p: edit_config(p, use_rslora="false"))
+
+
+@case(
+    AdapterFormatError,
+    "{tmp}/adapter/adapter_config.json",
+    "init_lora_weights='loftq': must be one of kaiming, gaussian, pissa, pissa_niter_<k>, olora",
+)
+def load_config_init_we_do_not_implement(tmp, mp):
+    """The file's init is checked by LoRAConfig's own rule (one list of inits), and named by PEFT's key."""
+    return load_into_mlp(tmp, lambda p: edit_config(p, init_lora_weights="loftq"))
 
 
 @case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "lora_alpha=nan")
@@ -259,7 +269,7 @@ def load_config_alpha_overflows_a_float(tmp, mp):
     return load_into_mlp(tmp, lambda p: edit_config(p, lora_alpha=10**400))
 
 
-@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "peft_type=None (only 'LORA' adapters load)")
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "peft_type=None: only 'LORA' adapters load")
 def load_config_without_peft_type(tmp, mp):
     return load_into_mlp(tmp, lambda p: edit_config(p, peft_type=None))
 

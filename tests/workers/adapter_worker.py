@@ -18,7 +18,7 @@ from pathlib import Path
 if __name__ == "__main__" and "lora_lightning" not in sys.modules:
     # Saving needs only torch. Register the bare package so that its submodules import without running
     # lora_lightning/__init__.py, which imports Lightning (~6 s of a 2-core machine per process). The modules
-    # under test (lora_lightning.io and what it imports) are the very same files.
+    # under test (lora_lightning.io, lora_lightning.files and what they import) are the very same files.
     package = types.ModuleType("lora_lightning")
     package.__path__ = list(importlib.util.find_spec("lora_lightning").submodule_search_locations)
     sys.modules["lora_lightning"] = package
@@ -26,6 +26,7 @@ if __name__ == "__main__" and "lora_lightning" not in sys.modules:
 import torch
 from torch import nn
 
+import lora_lightning.files as lora_files
 import lora_lightning.io as lora_io
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import inject_lora
@@ -64,9 +65,9 @@ def save(path: Path, seed: int, where: str | None) -> None:
 
         lora_io.save_file = half_written
     elif where == "before-swap":  # the new folder is complete and synced but not yet in place
-        real_rename = lora_io.os.rename
-        lora_io._exchange = lambda staging, target: pause(f"PAUSED {staging}")
-        lora_io.os.rename = lambda a, b: pause(f"PAUSED {a}") if Path(b) == path else real_rename(a, b)
+        real_rename = lora_files.os.rename
+        lora_files._exchange = lambda staging, target: pause(f"PAUSED {staging}")
+        lora_files.os.rename = lambda a, b: pause(f"PAUSED {a}") if Path(b) == path else real_rename(a, b)
     lora_io.save_adapter(adapted_mlp(seed), path, overwrite=True)
     print("SAVED", flush=True)
 

@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, St
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from lora_lightning import LoRAConfig, LoRAFinetuneCallback, SafeCheckpointIO, inject_lora
-from lora_lightning.names import canonical_name
+from lora_lightning.modules import canonical_name
 from lora_lightning.params import lora_layers
 from tests.helpers.models import LlamaModule, make_trainer, token_data
 

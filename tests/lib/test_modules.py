@@ -10,8 +10,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from lora_lightning import LoRAConfig, LoRAFinetuneCallback, adapter_state_dict, inject_lora
-from lora_lightning.callback import make_checkpoints_adapter_only
-from lora_lightning.names import canonical_name
+from lora_lightning.checkpoint_io import make_checkpoints_adapter_only
+from lora_lightning.modules import canonical_name
 from tests.helpers.models import LlamaModule, make_trainer, token_data
 
 CONFIG = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])

@@ -1,0 +1,76 @@
+"""Hugging Face PEFT's on-disk adapter format: the folder's files, its tensor keys, and the one table that maps
+`LoRAConfig` fields to ``adapter_config.json`` keys and back.
+
+A folder holds one adapter: ``adapter_config.json`` (a JSON object, sorted keys) and ``adapter_model.safetensors``
+(metadata ``{"format": "pt"}``). Tensor keys are ``base_model.model.<module>.<key>`` without the adapter's name:
+``lora_A.weight`` (``[r, in, ...]``) and ``lora_B.weight`` (``[out, r, ...]``), ``lora_embedding_A``/``_B`` for
+embeddings, ``lora_magnitude_vector`` for DoRA, and ``<param>`` for ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
+ADAPTER_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, CARD_NAME})
+PEFT_PREFIX = "base_model.model."
+# What a LoRA layer's adapter holds in a PEFT file, after the module name.
+ADAPTER_KEYS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _or(default: Any) -> Callable[[Any], Any]:
+    """PEFT's value for an absent (or null) key."""
+    return lambda value: default if value is None else value
+
+
+@dataclass(frozen=True)
+class Field:
+    """A `LoRAConfig` field, its ``adapter_config.json`` key, and how a value crosses over each way."""
+
+    ours: str
+    peft: str
+    to_peft: Callable[[Any], Any] = _same
+    from_peft: Callable[[Any], Any] = _same
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("r", "r"),
+    Field("alpha", "lora_alpha"),
+    Field("dropout", "lora_dropout", from_peft=_or(0.0)),
+    Field("target_modules", "target_modules"),
+    Field("exclude_modules", "exclude_modules"),
+    Field("use_rslora", "use_rslora", from_peft=_or(False)),
+    Field("modules_to_save", "modules_to_save"),
+    Field("use_dora", "use_dora", from_peft=_or(False)),
+    # PEFT's true (Kaiming-uniform A, zero B) is our "kaiming"; false (no init) loads as one too: the file's
+    # tensors replace whatever the init made
+    Field(
+        "init",
+        "init_lora_weights",
+        to_peft=lambda init: True if init == "kaiming" else init,
+        from_peft=lambda init: "kaiming" if init is None or isinstance(init, bool) else init,
+    ),
+    Field("rank_pattern", "rank_pattern"),
+    Field("alpha_pattern", "alpha_pattern"),
+)
+PEFT_KEYS: dict[str, str] = {field.ours: field.peft for field in FIELDS}
+_BY_OURS = {field.ours: field for field in FIELDS}
+
+
+def to_peft(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``adapter_config.json`` entries for `LoRAConfig` field values (keyed by our field names)."""
+    return {PEFT_KEYS[name]: _BY_OURS[name].to_peft(value) for name, value in values.items()}
+
+
+def from_peft(peft: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The `LoRAConfig` fields ``names`` as ``adapter_config.json`` gives them (PEFT's default where a key is
+    absent); not validated: `config.field_problems` says what is wrong with each."""
+    return {name: _BY_OURS[name].from_peft(peft.get(PEFT_KEYS[name])) for name in names}
