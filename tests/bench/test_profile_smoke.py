@@ -1,23 +1,23 @@
-"""CPU smoke test of scripts/profile_step.py on the tiny shape: the report is written, every unit of time lands
-in a category, the LoRA GEMMs are told apart from the base ones, and ours saves more for backward than the
-frozen floor (exactly the inputs and ``x A^T`` the analytic account predicts). No timing assertions.
+"""CPU smoke test of the step profile (benchmarks.profile) on the tiny shape: the report is written, every unit
+of time lands in a category, the LoRA GEMMs are told apart from the base ones, and ours saves more for backward
+than the frozen floor (exactly the inputs and ``x A^T`` the analytic account predicts). No timing assertions.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
+import benchmarks.profile as prof
+from benchmarks.profile.classify import EVALUATE, Dims, classify_events, gemm_role, summarize_units
+from benchmarks.profile.compare import comparisons, memory_account
+from benchmarks.profile.report import render_markdown, where_it_goes
+
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_step.py"
 CATEGORIES = {
     "base_gemm_forward",
     "base_gemm_input_grad",
@@ -37,17 +37,7 @@ CATEGORIES = {
 
 
 @pytest.fixture(scope="module")
-def prof() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lora_profile_step_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def run(prof: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("profile")
     argv = ["--shape=tiny", "--device=cpu", "--warmup=2", "--steps=1", "--threads=1", f"--out={out}"]
     threads = torch.get_num_threads()
@@ -58,11 +48,11 @@ def run(prof: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> tuple[dic
     return json.loads((out / prof.JSON_NAME).read_text()), (out / prof.MARKDOWN_NAME).read_text()
 
 
-def test_gemm_roles_from_shapes(prof: ModuleType) -> None:
+def test_gemm_roles_from_shapes() -> None:
     """Llama-3.2-1B's shapes: T = 8192 tokens equals the MLP width, so grad B and grad h of gate/up_proj have the
     same shape and only the first operand's strides (g^T is transposed) tell them apart."""
-    dims = prof.Dims(ranks=frozenset({16}), tokens=8192)
-    role = prof.gemm_role
+    dims = Dims(ranks=frozenset({16}), tokens=8192)
+    role = gemm_role
     assert role([[8192, 2048], [2048, 2048]], None, "aten::mm", "forward", dims) == "base_gemm_forward"
     assert role([[8192, 2048], [2048, 2048]], None, "aten::mm", "backward", dims) == "base_gemm_input_grad"
     assert role([[8192, 2048], [2048, 16]], None, "aten::mm", "forward", dims) == "lora_x_at"
@@ -138,7 +128,7 @@ def test_ours_saves_more_for_backward_than_the_floor(run: tuple[dict[str, Any], 
     assert account["measured_saved_delta_bytes"] == ours["activation_bytes"] - floor["activation_bytes"]
 
 
-def test_cuda_kernels_are_attributed_through_ranges_and_autograd_nodes(prof: ModuleType) -> None:
+def test_cuda_kernels_are_attributed_through_ranges_and_autograd_nodes() -> None:
     """The CUDA path on synthetic profiler events (no GPU needed): kernels hang off the operators that launched
     them; backward kernels get the module of the forward operator with their node's sequence number."""
     from torch.autograd import DeviceType
@@ -186,20 +176,20 @@ def test_cuda_kernels_are_attributed_through_ranges_and_autograd_nodes(prof: Mod
     event("aten::addmm_", 20, 25, node, shapes=shapes, kernel=("k_b", 4.0))
     event("aten::mul", 52, 55, event("mod::norm", 51, 60, forward), seq=8, kernel=("elementwise_kernel", 2.0))
 
-    backward = event(prof.EVALUATE + "_LoRALinearFunctionBackward", 200, 300, seq=7, thread=2)
+    backward = event(EVALUATE + "_LoRALinearFunctionBackward", 200, 300, seq=7, thread=2)
     node_b = event("_LoRALinearFunctionBackward", 201, 290, backward, seq=7, thread=2)
     event("aten::mm", 202, 210, node_b, shapes=[[r, tokens], [tokens, n_in]], thread=2, kernel=("k_ga", 6.0))
     event("aten::mm", 211, 220, node_b, shapes=[[n_out, tokens], [tokens, r]], thread=2, kernel=("k_gb", 3.0))
     event("aten::mm", 221, 230, node_b, shapes=[[tokens, n_out], [n_out, n_in]], thread=2, kernel=("gemm_dx", 25.0))
     event("aten::add_", 291, 295, backward, thread=2, kernel=("add_kernel", 1.0))  # the engine summing gradients
-    mul_b = event("MulBackward0", 311, 319, event(prof.EVALUATE + "MulBackward0", 310, 320, seq=8, thread=2), seq=8)
+    mul_b = event("MulBackward0", 311, 319, event(EVALUATE + "MulBackward0", 310, 320, seq=8, thread=2), seq=8)
     event("aten::mul", 312, 318, mul_b, thread=2, kernel=("elementwise_kernel", 2.0))
     event("aten::_fused_adamw_", 401, 410, event("profile_step::optimizer", 400, 500), kernel=("adam_kernel", 3.0))
     events.append(event_on_device("stray_kernel", 600, 2.0))  # launched by no recorded operator
     events.append(event_on_device("mod::lora:q_proj", 1, 1000.0, is_user_annotation=True))  # a GPU-side range span
 
-    dims = prof.Dims(ranks=frozenset({r}), tokens=tokens)
-    units, unclaimed = prof.classify_events(events, "cuda", dims, compiled=False)
+    dims = Dims(ranks=frozenset({r}), tokens=tokens)
+    units, unclaimed = classify_events(events, "cuda", dims, compiled=False)
     by_kernel = {(u.name, u.phase): u for u in units}
     expected = {
         ("sm90_gemm_big", "forward"): ("base_gemm_forward", "lora:q_proj"),
@@ -216,14 +206,14 @@ def test_cuda_kernels_are_attributed_through_ranges_and_autograd_nodes(prof: Mod
     }
     assert {key: (u.category, u.label) for key, u in by_kernel.items()} == expected
     assert unclaimed == pytest.approx(2.0)
-    summary = prof.summarize_units(units, unclaimed, steps=1)
+    summary = summarize_units(units, unclaimed, steps=1)
     assert summary["total_ms"] == pytest.approx(sum(u.time_us for u in units) / 1e3)
     assert summary["lora_by_layer"]["q_proj"]["lora_grad_a"] == pytest.approx(0.006)
     assert "base_gemm_forward" not in summary["lora_by_layer"]["q_proj"]
 
 
 @pytest.mark.slow
-def test_cuda_figures_render(prof: ModuleType, run: tuple[dict[str, Any], str]) -> None:
+def test_cuda_figures_render(run: tuple[dict[str, Any], str]) -> None:
     """The CUDA-only parts of the report (peaks, memory held after forward, kernel time against wall time) on the
     CPU run's numbers with made-up allocator figures."""
     report = json.loads(json.dumps(run[0]))
@@ -232,12 +222,12 @@ def test_cuda_figures_render(prof: ModuleType, run: tuple[dict[str, Any], str]) 
     for name, (peak, held) in {"floor": (23.47, 9.0), "ours": (26.46, 12.0), "ours-drop": (26.46, 12.0)}.items():
         report["configs"][name]["peak_memory_bytes"] = int(peak * gib)
         report["configs"][name]["held_after_forward_bytes"] = int(held * gib)
-    report["comparisons"] = prof.comparisons(report["configs"], 15)
-    report["memory_account"] = prof.memory_account(report["configs"], "cuda")
+    report["comparisons"] = comparisons(report["configs"], 15)
+    report["memory_account"] = memory_account(report["configs"], "cuda")
     assert report["memory_account"]["measured_peak_delta_bytes"] == int(26.46 * gib) - int(23.47 * gib)
-    paragraphs = prof.where_it_goes(report)
+    paragraphs = where_it_goes(report)
     text = " ".join(paragraphs)
     assert "Kernels fill" in text and "The measured peak grows by +2.99 GiB (1.13x)" in text
-    markdown = prof.render_markdown({**report, "where_it_goes": paragraphs})
+    markdown = render_markdown({**report, "where_it_goes": paragraphs})
     assert "| measured: peak allocated, ours - floor | +2.99 GiB |" in markdown
     assert "| floor |" in markdown and "23.47 GiB" in markdown
