@@ -1,4 +1,5 @@
-"""CPU smoke test of scripts/benchmark.py on the tiny shape: the outputs are written and their fields are sane.
+"""CPU smoke test of the training-step benchmark (benchmarks.benchmark) on the tiny shape: the outputs are
+written and their fields are sane.
 
 No timing assertions: only that times are positive, parameter counts match between our LoRA and PEFT's,
 and adapter files are about as large as the raw tensors they hold.
@@ -6,33 +7,23 @@ and adapter files are about as large as the raw tensors they hold.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
+import benchmarks.benchmark as bench
+from benchmarks.benchmark_report import JSON_NAME, MARKDOWN_NAME, merge_reports
+from benchmarks.rows import all_rows, parse_row, select_rows
+
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 SMOKE_ROWS = ["ours:eager", "peft:eager", "frozen:eager", "full:eager"]
 # safetensors adds a JSON header (names, dtypes, shapes, offsets) of a few hundred bytes per tensor.
 HEADER_ALLOWANCE = 16 * 1024
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lora_benchmark_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def expected_lora_params(model: dict[str, int], r: int) -> int:
@@ -43,24 +34,24 @@ def expected_lora_params(model: dict[str, int], r: int) -> int:
     return model["num_hidden_layers"] * sum(r * (n_in + n_out) for n_in, n_out in shapes)
 
 
-def test_row_names_select_and_parse(bench: ModuleType) -> None:
-    rows = bench.all_rows()
+def test_row_names_select_and_parse() -> None:
+    rows = all_rows()
     names = [r.name for r in rows]
     assert len(names) == len(set(names)) == 2 * 2 * (3 * 2 + 2)  # modes x checkpointing x (LoRA x dropout + 2)
-    assert all(bench.parse_row(n).name == n for n in names)
-    assert len(bench.select_rows(["ours:*"])) == 8
-    assert [r.name for r in bench.select_rows(["peft:eager,frozen:eager"])] == ["frozen:eager", "peft:eager"]
-    assert bench.parse_row("ours:compile:gc:drop0.05").floor.name == "frozen:compile:gc"
+    assert all(parse_row(n).name == n for n in names)
+    assert len(select_rows(["ours:*"])) == 8
+    assert [r.name for r in select_rows(["peft:eager,frozen:eager"])] == ["frozen:eager", "peft:eager"]
+    assert parse_row("ours:compile:gc:drop0.05").floor.name == "frozen:compile:gc"
     with pytest.raises(ValueError, match="match no row"):
-        bench.select_rows(["ours:jit"])
+        select_rows(["ours:jit"])
 
 
 @pytest.mark.slow
-def test_tiny_benchmark_writes_sane_json_and_markdown(bench: ModuleType, tmp_path: Path) -> None:
+def test_tiny_benchmark_writes_sane_json_and_markdown(tmp_path: Path) -> None:
     argv = ["--shape=tiny", "--steps=2", "--warmup=1", "--isolation=none", f"--out={tmp_path}", "--device=cpu"]
     assert bench.main([*argv, "--configs", *SMOKE_ROWS]) == 0
 
-    report = json.loads((tmp_path / bench.JSON_NAME).read_text())
+    report = json.loads((tmp_path / JSON_NAME).read_text())
     env, settings = report["environment"], report["settings"]
     assert env["torch"] == torch.__version__
     assert env["transformers"] and env["peft"] and env["lightning"] and env["device"].startswith("CPU")
@@ -93,16 +84,16 @@ def test_tiny_benchmark_writes_sane_json_and_markdown(bench: ModuleType, tmp_pat
         assert row["trainable_plus_optimizer_bytes"] == raw + row["optimizer_state_bytes"]
     assert frozen["adapter_file_bytes"] is None and full["adapter_file_bytes"] is None
 
-    markdown = (tmp_path / bench.MARKDOWN_NAME).read_text()
+    markdown = (tmp_path / MARKDOWN_NAME).read_text()
     assert f"torch {torch.__version__}" in markdown and "x floor" in markdown
     assert all(f"| {name} |" in markdown for name in SMOKE_ROWS)
 
 
 @pytest.mark.slow
-def test_row_in_its_own_process_with_profile(bench: ModuleType, tmp_path: Path) -> None:
+def test_row_in_its_own_process_with_profile(tmp_path: Path) -> None:
     args = bench.parse_args(["--shape=tiny", "--steps=1", "--warmup=1", "--device=cpu", f"--profile={tmp_path}"])
     # The frozen base: the cheapest row to import (no peft, no lora_lightning); adapters are checked above.
-    row = bench.run_row_in_subprocess(bench.parse_row("frozen:eager"), bench.settings_from_args(args), timeout_s=300)
+    row = bench.run_row_in_subprocess(parse_row("frozen:eager"), bench.settings_from_args(args), timeout_s=300)
     assert row["ok"], row["error"]
     assert row["median_step_ms"] > 0 and row["tokens_per_s"] > 0 and row["input_embeddings_require_grad"]
     assert row["peak_memory_kind"] == "cpu_peak_rss_growth"
@@ -110,7 +101,7 @@ def test_row_in_its_own_process_with_profile(bench: ModuleType, tmp_path: Path) 
     assert "aten::" in (tmp_path / "profile_frozen_eager.txt").read_text()
 
 
-def test_merge_recomputes_floor_ratios(bench: ModuleType, tmp_path: Path) -> None:
+def test_merge_recomputes_floor_ratios(tmp_path: Path) -> None:
     def report(rows: dict[str, float]) -> dict:
         records = [
             {"name": name, "ok": True, "median_step_ms": ms, "peak_memory_bytes": int(ms)} for name, ms in rows.items()
@@ -121,7 +112,7 @@ def test_merge_recomputes_floor_ratios(bench: ModuleType, tmp_path: Path) -> Non
     files = [tmp_path / "a.json", tmp_path / "b.json"]
     files[0].write_text(json.dumps(report({"ours:eager": 30.0})))
     files[1].write_text(json.dumps(report({"frozen:eager": 20.0})))
-    merged = bench.merge_reports(files)
+    merged = merge_reports(files)
     assert [r["name"] for r in merged["rows"]] == ["frozen:eager", "ours:eager"]
     assert merged["rows"][1]["step_ratio_to_floor"] == 1.5 and merged["rows"][1]["memory_ratio_to_floor"] == 1.5
     assert len(merged["environment"]["merged_from"]) == 2
