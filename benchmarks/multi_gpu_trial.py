@@ -1,9 +1,8 @@
-#!/usr/bin/env python
-"""One single-device training trial of the benchmark model, as a Hydra app: what scripts/multi_gpu_bench.py packs
+"""One single-device training trial of the benchmark model, as a Hydra app: what benchmarks/multi_gpu.py packs
 onto GPUs through the gpu_pool launcher. Writes trial.json (the run's record and its wall time) into the trial's
 run folder and returns its tokens/s.
 
-    python scripts/multi_gpu_trial.py -m trial=0,1,2,3 hydra/launcher=gpu_pool 'hydra.launcher.gpus=[0,1,2,3]'
+    python -m benchmarks.multi_gpu_trial -m trial=0,1,2,3 hydra/launcher=gpu_pool 'hydra.launcher.gpus=[0,1,2,3]'
 """
 
 from __future__ import annotations
@@ -16,8 +15,9 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from multi_gpu_bench import TRIAL_FILE, RunSpec, train
 from omegaconf import OmegaConf
+
+from benchmarks.multi_gpu import TRIAL_FILE, RunSpec, train
 
 
 @dataclass
