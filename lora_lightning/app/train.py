@@ -31,6 +31,7 @@ from torchmetrics import Metric
 from lora_lightning import LoRAConfig, LoRAFinetuneCallback, param_summary, save_adapter
 from lora_lightning.app import schema, tracking
 from lora_lightning.app.runstats import RunStats
+from lora_lightning.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +256,7 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     """``metrics.json`` in the run folder, written by rank 0 only, atomically."""
     if pl.utilities.rank_zero.rank_zero_only.rank != 0:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_suffix(".tmp")
-    staged.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
-    staged.replace(path)
+    write_text_atomically(path, json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
 
 
 __all__ = ["main", "train"]

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from lora_lightning.app.data.base import ListDataset, TextDataModule
 from lora_lightning.app.data.files import column
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # labels the loss skips (padding), as in torch's cross_entropy and transformers
 
 
 class CausalLMDataModule(TextDataModule):

@@ -109,7 +109,7 @@ def _fetch_hint(reason: str) -> str:
         "registry (or your PIP_INDEX_URL mirror),\n"
         f"  or place {FILE_NAME} from its additional_resources/hutto_ICWSM_2014.tar.gz into "
         f"{cache_root() / 'vader'} (or $LORA_LIGHTNING_CACHE/vader),\n"
-        "  or train on your own files: data=csv_classification data.train_file=...."
+        "  or train on your own files: data=text_classification data.train_file=...."
     )
 
 

@@ -8,9 +8,8 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics.text import Perplexity
 
+from lora_lightning.app.data.lm import IGNORE_INDEX
 from lora_lightning.app.models.backbones import Backbone
-
-IGNORE_INDEX = -100
 
 
 class CausalLM(pl.LightningModule):
