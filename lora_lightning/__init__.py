@@ -4,6 +4,8 @@ from lora_lightning.adapters import active_adapter, delete_adapter, disable_adap
 from lora_lightning.callback import LoRAFinetuneCallback
 from lora_lightning.checkpoint_io import SafeCheckpointIO
 from lora_lightning.config import AdapterSpec, LoRAConfig
+from lora_lightning.export import model_card, save_merged, write_model_card
+from lora_lightning.gguf_adapter import save_gguf_adapter
 from lora_lightning.inject import InjectionReport, TargetError, find_targets, inject_lora, merge_lora, unload_lora
 from lora_lightning.io import AdapterFormatError, load_adapter, save_adapter
 from lora_lightning.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
@@ -41,9 +43,13 @@ __all__ = [
     "load_adapter",
     "mark_only_adapters_trainable",
     "merge_lora",
+    "model_card",
     "param_summary",
     "quantize_linears",
     "save_adapter",
+    "save_gguf_adapter",
+    "save_merged",
     "set_active_adapter",
     "unload_lora",
+    "write_model_card",
 ]
