@@ -25,30 +25,10 @@ from lora_lightning import (
 from lora_lightning.export import CARD_MARK
 from lora_lightning.params import lora_layers
 from tests.helpers.adapters import assert_unchanged, folder_bytes, leftovers, perturb_adapters_, snapshot
+from tests.helpers.deploy import adapted_llama, logits, tied_llama
 from tests.helpers.models import make_llama, make_mlp, tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
-TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(4))
-ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=TOKENS).logits
-
-
-def adapted_llama(seed: int = 0, **config) -> torch.nn.Module:
-    model = make_llama(seed)
-    inject_lora(model, LoRAConfig(**{"r": 4, "alpha": 8, **config}))
-    return perturb_adapters_(model).eval()
-
-
-def tied_llama(targets: list[str]) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).eval()
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
-    return perturb_adapters_(model).eval()
 
 
 def load_merged(path: Path) -> torch.nn.Module:
