@@ -55,15 +55,18 @@ def save_merged(
 
     A weight tied to another module (an output head tied to the input embeddings, as in SmolLM2 and GPT-2) that
     gets an adapter is untied in the copy: the adapted module holds the merged weight, the other the base
-    weight, and the saved config says ``tie_word_embeddings: false`` so loading keeps them apart. Everything is
-    checked before anything is written; ``overwrite=True`` replaces an existing model folder whole (atomically).
+    weight, and the saved config says ``tie_word_embeddings: false`` so loading keeps them apart. A model
+    transformers loaded from a GGUF file (dequantized on load) is saved as the plain model it is; a model that is
+    still quantized is refused. Everything is checked before anything is written; ``overwrite=True`` replaces an
+    existing model folder whole (atomically).
     """
     path = Path(path)
     _require_pretrained_model(model)
     name = adapter_to_export(model, adapter_name, "save_merged")
     leftover = [n for n, m in model.named_modules() if quant.is_quantized(m) and not _merged_base(model, n, name)]
-    if getattr(model.config, "quantization_config", None) is not None:
-        leftover.append("its config's quantization_config")
+    method = _quantization_method(model)
+    if method not in (None, "gguf"):
+        leftover.append(f"its config's quantization_config ({method})")
     if leftover:
         raise ValueError(
             f"save_merged: the model stays partly quantized after the merge ({leftover[:3]}), which from_pretrained "
@@ -191,6 +194,9 @@ def _merged_copy(model: nn.Module, adapter_name: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="merge_lora untied")  # the docstring of save_merged says so
         merge_lora(merged, adapter_name)
+    if _quantization_method(merged) == "gguf":  # dequantized on load; save_pretrained refuses it only for the name
+        del merged.config.quantization_config
+        merged.hf_quantizer, merged.is_quantized = None, False
     if getattr(merged.config, "tie_word_embeddings", False):
         head = merged.get_output_embeddings()
         if head is not None and head.weight is not merged.get_input_embeddings().weight:
@@ -224,6 +230,14 @@ def _require_pretrained_model(model: nn.Module) -> None:
             "transformers folder to write; pass the Hugging Face model itself (e.g. lit_module.model, or a compiled "
             "model's _orig_mod), or merge_lora(model) and save its state_dict yourself"
         )
+
+
+def _quantization_method(model: nn.Module) -> str | None:
+    """The ``quant_method`` of a Hugging Face model's ``quantization_config`` (``None`` without one). A model
+    transformers loaded from a GGUF file says ``"gguf"`` although its weights were dequantized on load."""
+    config = getattr(model.config, "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, Mapping) else getattr(config, "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method))
 
 
 def _merged_base(model: nn.Module, name: str, adapter_name: str) -> bool:

@@ -53,3 +53,32 @@ def load_smollm2(file: Path) -> nn.Module:
     """SmolLM2 as transformers loads the GGUF: dequantized to fp32, q/k rows in Hugging Face's order."""
     transformers = pytest.importorskip("transformers")
     return transformers.AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+
+
+def rewrite_gguf(source: Path, target: Path, *, dequantize: bool = False, untie: bool = False) -> Path:
+    """A copy of the GGUF file ``source``: its tensors dequantized to fp32 (so llama.cpp computes without
+    quantizing, as transformers does with the weights it dequantized on load), and with ``untie`` its own output
+    head (``output.weight``, a copy of the token embedding), so llama.cpp runs it untied. Every field is kept."""
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(target, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # the writer writes these itself
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+    tensors = {t.name: (t.data, t.tensor_type) for t in reader.tensors}
+    if dequantize:
+        tensors = {name: (gguf.quants.dequantize(data, kind), None) for name, (data, kind) in tensors.items()}
+    if untie:
+        tensors["output.weight"] = tensors["token_embd.weight"]
+    for name, (data, kind) in tensors.items():
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for data, _ in tensors.values():
+        writer.write_tensor_data(data)
+    writer.close()
+    return target
