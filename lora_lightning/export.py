@@ -28,14 +28,14 @@ from lora_lightning.peft_format import CARD_NAME, CONFIG_NAME, to_peft
 
 # Written into every card this library makes: `write_model_card` replaces such a card, never a person's README.
 CARD_MARK = "<!-- model card written by lora-lightning -->"
-# PEFT's task_type -> the Hub's pipeline_tag.
-PIPELINE_TAGS = {
-    "CAUSAL_LM": "text-generation",
-    "SEQ_CLS": "text-classification",
-    "TOKEN_CLS": "token-classification",
-    "SEQ_2_SEQ_LM": "text2text-generation",
-    "QUESTION_ANS": "question-answering",
-    "FEATURE_EXTRACTION": "feature-extraction",
+# PEFT's task_type -> the Hub's pipeline_tag and the transformers class that loads the base model.
+TASKS = {
+    "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
+    "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
+    "TOKEN_CLS": ("token-classification", "AutoModelForTokenClassification"),
+    "SEQ_2_SEQ_LM": ("text2text-generation", "AutoModelForSeq2SeqLM"),
+    "QUESTION_ANS": ("question-answering", "AutoModelForQuestionAnswering"),
+    "FEATURE_EXTRACTION": ("feature-extraction", "AutoModel"),
 }
 
 
@@ -100,19 +100,15 @@ def model_card(
     peft``, ``tags``, ``license`` and ``pipeline_tag`` when known), how to load it, its LoRA config (a `LoRAConfig`
     or the ``adapter_config.json`` values, shown with PEFT's keys) and ``metrics``."""
     peft = _peft_values(lora)
-    task_type = task_type or peft.get("task_type")
+    pipeline_tag, auto = TASKS.get(task_type or peft.get("task_type") or "", (None, "AutoModel"))
+    adapter_of = [f"base_model:adapter:{base_model}"] if base_model else []
     front = {
         "base_model": base_model,
         "library_name": "peft",
         "license": license,
-        "pipeline_tag": PIPELINE_TAGS.get(task_type or ""),
-        "tags": list(
-            dict.fromkeys(
-                [*([f"base_model:adapter:{base_model}"] if base_model else []), "lora", "lora-lightning", *tags]
-            )
-        ),
+        "pipeline_tag": pipeline_tag,
+        "tags": list(dict.fromkeys([*adapter_of, "lora", "lora-lightning", *tags])),
     }
-    auto = "AutoModelForCausalLM" if task_type == "CAUSAL_LM" else "AutoModel"
     lines = ["---"]
     for key, value in front.items():
         if isinstance(value, list):
@@ -158,13 +154,16 @@ def write_model_card(
     base_model: str | None = None,
     lora: LoRAConfig | Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
+    license: str | None = None,
+    tags: Sequence[str] = (),
+    task_type: str | None = None,
+    title: str | None = None,
     overwrite: bool = False,
-    **card: Any,
 ) -> Path | None:
     """Write `model_card`'s ``README.md`` into the adapter folder ``path`` (atomically) and return its path.
-    ``base_model`` and ``lora`` default to what the folder's ``adapter_config.json`` says; ``card`` passes
-    ``license``, ``tags``, ``task_type`` and ``title`` on. A README that this library did not write (a person's)
-    is kept, with a warning, and ``None`` is returned, unless ``overwrite=True``."""
+    ``base_model`` and ``lora`` default to what the folder's ``adapter_config.json`` says. A README that this
+    library did not write (a person's) is kept, with a warning, and ``None`` is returned, unless
+    ``overwrite=True``."""
     path = Path(path)
     if not path.is_dir():
         raise NotADirectoryError(f"write_model_card: {str(path)!r} is not a folder; pass an adapter folder")
@@ -172,7 +171,7 @@ def write_model_card(
         saved = _read_adapter_config(path / CONFIG_NAME, needed=lora is None)
         lora = saved if lora is None else lora
         base_model = base_model or saved.get("base_model_name_or_path")
-    text = model_card(base_model, lora, metrics, **card)
+    text = model_card(base_model, lora, metrics, license=license, tags=tags, task_type=task_type, title=title)
     readme = path / CARD_NAME
     if readme.is_file() and not overwrite and CARD_MARK not in readme.read_text(errors="replace"):
         warnings.warn(
@@ -292,4 +291,5 @@ def _read_adapter_config(file: Path, needed: bool) -> dict[str, Any]:
 
 
 def _number(value: Any) -> str:
+    value = value.item() if hasattr(value, "item") else value  # a tensor or numpy scalar, e.g. Lightning's metrics
     return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,6 @@ from lora_lightning.layers import LoRAEmbedding, LoRALayer, LoRALinear
 from lora_lightning.modules import canonical_name
 from lora_lightning.params import lora_layers, tied_parameter_ids, trained_in_full_modules
 
-ARCHITECTURES = {"llama": "llama"}  # Hugging Face model_type -> llama.cpp architecture (the q/k permutation is Llama's)
 INSTALL = "pip install 'lora-lightning[deploy]'  (or: pip install gguf)"
 
 
@@ -47,10 +47,9 @@ def save_gguf_adapter(
     path = Path(path)
     name = adapter_to_export(model, adapter_name, "save_gguf_adapter")
     config = getattr(model, "config", None)
-    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
-    if arch is None:
+    if getattr(config, "model_type", None) != "llama":  # the tensor names and the q/k permutation are Llama's
         raise ValueError(
-            f"save_gguf_adapter: supports Hugging Face models of model_type {sorted(ARCHITECTURES)}; this is a "
+            f"save_gguf_adapter: supports Hugging Face models of model_type 'llama'; this is a "
             f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r}); use save_merged and "
             "llama.cpp's convert_hf_to_gguf.py instead"
         )
@@ -65,7 +64,7 @@ def save_gguf_adapter(
     scales = {n: layer.spec(name).scaling * layer.spec(name).r for n, layer in layers.items()}
     alpha = Counter(scales.values()).most_common(1)[0][0]
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    writer = gguf.GGUFWriter(None, arch)
+    writer = gguf.GGUFWriter(None, "llama")
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -98,7 +97,7 @@ def rope_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _problems(model: nn.Module, layers: dict[str, LoRALayer], adapter_name: str, names: object) -> list[str]:
+def _problems(model: nn.Module, layers: dict[str, LoRALayer], adapter_name: str, names: Any) -> list[str]:
     """Why the adapter cannot become a llama.cpp adapter (empty if it can)."""
     problems = []
     saved = [n for n, _ in trained_in_full_modules(model)]

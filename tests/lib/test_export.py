@@ -236,6 +236,9 @@ def test_model_card_has_the_hub_front_matter_the_config_and_the_metrics():
     assert "| val/ppl | 58.43 |" in text
     assert "| step | 40 |" in text
     assert 'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")' in text
+    classifier = model_card("sentence-transformers/all-MiniLM-L6-v2", {"r": 8, "task_type": "SEQ_CLS"})
+    assert front_matter(classifier)["pipeline_tag"] == "text-classification"
+    assert "AutoModelForSequenceClassification.from_pretrained" in classifier
 
 
 def test_write_model_card_reads_the_adapter_folder_and_peft_still_loads_it(tmp_path):

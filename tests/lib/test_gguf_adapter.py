@@ -130,7 +130,7 @@ def no_gguf_package(tmp_path):
 @pytest.mark.parametrize(
     ("case", "error", "words"),
     [
-        (gpt2, ValueError, "model_type \\['llama'\\]"),
+        (gpt2, ValueError, "model_type 'llama'; this is a GPT2LMHeadModel"),
         (dora, ValueError, "q_proj: DoRA"),
         (modules_to_save, ValueError, "modules_to_save \\['lm_head'\\]"),
         (tied_head, ValueError, "lm_head: its weight is tied"),
