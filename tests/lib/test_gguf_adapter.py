@@ -192,8 +192,11 @@ def llama_cpp_logits(base: Path, tokens: list[int], adapter: Path | None = None)
         model_path=str(base), lora_path=str(adapter) if adapter else None, n_ctx=64, n_batch=64, logits_all=True,
         n_threads=2, type_k=0, type_v=0, flash_attn=False, verbose=False,
     )  # fmt: skip
-    llm.eval(tokens)
-    return torch.tensor(llm.scores[: len(tokens)], dtype=torch.float32)
+    try:
+        llm.eval(tokens)
+        return torch.tensor(llm.scores[: len(tokens)], dtype=torch.float32)
+    finally:
+        llm.close()
 
 
 def gap(theirs: torch.Tensor, ours: torch.Tensor) -> float:
