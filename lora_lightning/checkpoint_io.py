@@ -189,6 +189,7 @@ def check_checkpoint_adapters(checkpoint: dict[str, Any], module: nn.Module) -> 
     adapters of the same name have on the same layers: their tensors would load, and train on with, say, the wrong
     scaling. (Other ranks or layers fail the strict load of the tensors.) Checkpoints written before the record
     existed pass."""
+    _trained_with(checkpoint)  # refused before the weights load, if this version cannot read it
     recorded = checkpoint.get(ADAPTERS_KEY)
     if not isinstance(recorded, dict):
         return
@@ -213,21 +214,26 @@ def check_checkpoint_adapters(checkpoint: dict[str, Any], module: nn.Module) -> 
 
 def check_checkpoint_config(checkpoint: dict[str, Any], config: LoRAConfig | None) -> None:
     """Refuse to resume a checkpoint trained with another `LoRAConfig` than ``config``."""
+    trained_with = _trained_with(checkpoint)
+    if config is not None and trained_with is not None and trained_with != config:
+        raise ValueError(
+            f"the checkpoint was trained with {trained_with}, this callback has {config}; resume with the same "
+            "LoRAConfig"
+        )
+
+
+def _trained_with(checkpoint: dict[str, Any]) -> LoRAConfig | None:
+    """The checkpoint's `CHECKPOINT_KEY`, if it has one."""
     saved = checkpoint.get(CHECKPOINT_KEY)
-    if config is None or saved is None:
-        return
+    if saved is None:
+        return None
     try:
-        trained_with = LoRAConfig.from_dict(saved)
+        return LoRAConfig.from_dict(saved)
     except (TypeError, ValueError) as err:
         raise ValueError(
             f"the checkpoint's {CHECKPOINT_KEY!r} cannot be read by this version of lora-lightning (a newer "
             f"version wrote it?): {err}"
         ) from None
-    if trained_with != config:
-        raise ValueError(
-            f"the checkpoint was trained with {trained_with}, this callback has {config}; resume with the same "
-            "LoRAConfig"
-        )
 
 
 def _adapter_specs(module: nn.Module, adapter: str) -> dict[str, dict[str, Any]]:

@@ -17,9 +17,7 @@ except ImportError:  # Python 3.10
     import sre_constants as _c
     import sre_parse as _regex_parser
 
-_REPEATS = tuple(
-    op for op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)) if op is not None
-)
+_REPEATS = tuple(op for op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)) if op is not None)
 
 # Segments that wrappers insert into module names (FSDP1, activation checkpointing, ``torch.compile``) and that the
 # full state dicts Lightning saves and loads do not carry.
