@@ -181,7 +181,7 @@ def _pattern_check(is_kind: Any, example: str) -> Any:
                 continue
             problem = regex_problem(key)
             if problem:
-                yield f"{name}: key {_shown(key)}: {problem}"
+                yield f"{name}: key {_shown(key)} {problem}"
             if not is_kind(entry) or not _is_positive_finite(entry):
                 yield f"{name}[{key!r}]={_shown(entry)}: must be {example}"
 
@@ -248,7 +248,7 @@ def _name_problems(name: str, value: Any, required: bool) -> Iterable[str]:
         elif value != ALL_LINEAR:
             problem = regex_problem(value)
             if problem:
-                yield f"{name}={_shown(value)}: {problem}"
+                yield f"{name}={_shown(value)} {problem}"
         return
     if not isinstance(value, list) or not value:
         alternatives = "or a regex string" if required else "a regex string, or None"

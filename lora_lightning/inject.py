@@ -233,14 +233,18 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
         problems.append(f"target_modules={config.target_modules!r} leaves no layer to adapt{why}")
     sizes: dict[torch.device, list[tuple[int, str]]] = {}
     wide_ranks = []
+    shapes_of: dict[tuple, list[tuple[int, ...]]] = {}  # layers of one shape (most of a transformer) share theirs
     for name in targets:
         kind = lora_layer_type(modules[name])
         if kind is None:
             continue
         spec = config.spec_for(canonical_name(name))
         problems += [f"layer {name!r}: {p}" for p in kind.problems(modules[name], spec)]
+        key = (kind, type(modules[name]), tuple(modules[name].weight.shape), kind.features(modules[name]), spec)
         try:
-            shapes = list(kind.adapter_shapes(modules[name], spec).values())
+            if key not in shapes_of:
+                shapes_of[key] = list(kind.adapter_shapes(modules[name], spec).values())
+            shapes = shapes_of[key]
         except (RuntimeError, OverflowError, ValueError) as err:
             problems.append(f"layer {name!r}: an adapter with r={spec.r} cannot be built ({str(err).splitlines()[0]})")
             continue

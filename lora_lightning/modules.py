@@ -65,24 +65,25 @@ MAX_REPEATS = 3
 
 
 def regex_problem(pattern: str) -> str | None:
-    """Why ``pattern`` is not a usable module-name regex (it does not compile, or could hang a match), or None."""
+    """Why ``pattern`` is not a usable module-name regex (it does not compile, or could hang a match), or None; the
+    reason reads after the pattern: "'(a+)+' repeats a repetition ..."."""
     try:
         tree = _regex_parser.parse(pattern)
         re.compile(pattern)
     except (re.error, RecursionError, OverflowError, ValueError) as err:
-        return f"not a valid regular expression ({err})"
+        return f"is not a valid regular expression ({err})"
     repeats = 0
     for op, av, inside_repeat in _walk(tree.data, False):
         if op in (_c.GROUPREF, _c.GROUPREF_EXISTS):
-            return "backreferences and conditional groups are not supported"
+            return "uses a backreference or a conditional group, which are not supported"
         if op in _REPEATS and av[1] > 1 and av[1] != av[0]:
             repeats += 1
             if inside_repeat:
-                return "a repetition inside a repetition (like (a+)+) can take exponential time"
+                return "repeats a repetition (like (a+)+), which can take exponential time to match"
         if op is _c.BRANCH and inside_repeat:
-            return "a repeated alternation (like (a|b)*) can take exponential time"
+            return "repeats an alternation (like (a|bc)*), which can take exponential time to match"
     if repeats > MAX_REPEATS:
-        return f"{repeats} variable-length repetitions; at most {MAX_REPEATS} keep a match fast"
+        return f"has {repeats} variable-length repetitions; at most {MAX_REPEATS} keep a match fast"
     return None
 
 

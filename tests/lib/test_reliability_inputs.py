@@ -137,22 +137,22 @@ def config_pissa_with_a_billion_iterations(tmp, mp):
     return None, lambda: LoRAConfig(init="pissa_niter_1000000000")
 
 
-@case(ValueError, "rank_pattern: key '(a|aa)+$'", "repeated alternation", "exponential time")
+@case(ValueError, "rank_pattern: key '(a|aa)+$' repeats an alternation", "exponential time")
 def config_rank_pattern_that_backtracks(tmp, mp):
     return None, lambda: LoRAConfig(rank_pattern={"(a|aa)+$": 2})
 
 
-@case(ValueError, "target_modules=", "q_proj': a repetition inside a repetition")
+@case(ValueError, "target_modules=", "q_proj' repeats a repetition (like (a+)+)")
 def config_target_regex_that_backtracks(tmp, mp):
     return None, lambda: LoRAConfig(target_modules=r"(.*\.)*q_proj")
 
 
-@case(ValueError, "alpha_pattern: key '(q)", "backreferences")
+@case(ValueError, "alpha_pattern: key '(q)", "uses a backreference")
 def config_alpha_pattern_with_a_backreference(tmp, mp):
     return None, lambda: LoRAConfig(alpha_pattern={r"(q)\1": 4})
 
 
-@case(ValueError, "rank_pattern: key '.*a.*b.*c.*d'", "4 variable-length repetitions; at most 3")
+@case(ValueError, "rank_pattern: key '.*a.*b.*c.*d' has 4 variable-length repetitions; at most 3")
 def config_rank_pattern_with_four_wildcards(tmp, mp):
     """Polynomial, not exponential, but n^5 on a long module name is still minutes."""
     return None, lambda: LoRAConfig(rank_pattern={".*a.*b.*c.*d": 2})
@@ -410,7 +410,7 @@ def load_a_module_both_adapted_and_saved(tmp, mp):
     return load_into_mlp(tmp, overlap)
 
 
-@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "rank_pattern: key '(a|aa)+$'", "exponential time")
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "rank_pattern: key '(a|aa)+$' repeats an alternation")
 def load_a_backtracking_pattern_and_a_bogus_module_name(tmp, mp):
     """Used to run the pattern against the bogus name from the tensor file, for minutes."""
 
