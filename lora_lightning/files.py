@@ -107,9 +107,9 @@ def fsync_path(path: Path) -> None:
 
 
 def reworded(err: OSError, message: str) -> OSError:
-    """``err`` as the same `OSError` type and ``errno`` with ``message`` as its text."""
+    """``err`` as the same `OSError` type and ``errno``, with ``message`` as its text."""
     new = type(err)(message)
-    new.errno, new.filename = err.errno, err.filename
+    new.errno = err.errno  # (with only errno set, str(new) stays the message)
     return new
 
 
