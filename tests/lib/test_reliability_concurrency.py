@@ -59,11 +59,14 @@ def test_processes_saving_one_folder_at_once_never_lose_it(tmp_path, exchange):
     stop = tmp_path / "stop"
     reader = Worker(tmp_path, "concurrent_saves", "read", path, stop, *flags)
     reader.wait_for("READY")
-    writers = [Worker(tmp_path, "concurrent_saves", "write", path, w, ROUNDS, *flags) for w in range(1, 1 + WRITERS)]
-    for writer in writers:
-        lines = writer.finish(timeout=180)
-        assert lines[-1] == "DONE 0", [line for line in lines if line.startswith("FAILED")][:3]
-    stop.touch()
+    try:
+        command = ("concurrent_saves", "write", path)
+        writers = [Worker(tmp_path, *command, w, ROUNDS, *flags) for w in range(1, 1 + WRITERS)]
+        for writer in writers:
+            lines = writer.finish(timeout=180)
+            assert lines[-1] == "DONE 0", [line for line in lines if line.startswith("FAILED")][:3]
+    finally:
+        stop.touch()  # the reader stops also when a writer failed
     report = json.loads(reader.wait_for("SEEN").removeprefix("SEEN "))
     assert reader.proc.wait(timeout=60) == 0
     assert report["error_count"] == 0, report["errors"]
@@ -74,6 +77,7 @@ def test_processes_saving_one_folder_at_once_never_lose_it(tmp_path, exchange):
 
 
 def test_threads_saving_one_folder_at_once_never_lose_it(tmp_path):
+    """3 writer threads x 25 saves and a reader thread in one process, with the same checks."""
     path = tmp_path / "adapter"
     save_adapter(adapter(1), path)
     failures: list[BaseException] = []

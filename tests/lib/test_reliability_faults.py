@@ -100,6 +100,8 @@ def contents(path: Path) -> dict[str, bytes] | bytes:
 def test_a_failed_write_says_what_the_system_said_and_keeps_the_previous_one(
     tmp_path, monkeypatch, fault_name, write_name
 ):
+    """The operating system's error, naming the file and saying what to do; the previous adapter or checkpoint
+    byte for byte; nothing left beside it; the next write works."""
     fault, write = FAULTS[fault_name], WRITES[write_name]
     path, overwrite = write.prepare(tmp_path)
     before = contents(path)
