@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import lora_lightning.config as lora_config
 from lora_lightning import (
     AdapterFormatError,
     AdapterSpec,
@@ -579,6 +580,23 @@ def test_load_refuses_pickled_bin_adapters_without_unpickling(saved, tmp_path):
     assert str(saved) in message and WEIGHTS_NAME in message and ".bin" in message and "refused" in message
     assert not marker.exists(), "the .bin file was unpickled"
     assert_unchanged(model, before)
+
+
+def test_load_matches_the_files_patterns_against_the_models_module_names_only(saved, monkeypatch):
+    """A name from the tensor file that the model lacks is reported, never run through rank_pattern/alpha_pattern
+    (a hostile pattern plus a long bogus name used to hang the loader)."""
+    edit_config(saved, rank_pattern={"^0$": 4}, alpha_pattern={"2": 8})
+    bogus = f"{PREFIX}{'a' * 50}"
+    edit_tensors(
+        saved, lambda t: {**t, f"{bogus}.lora_A.weight": torch.ones(4, 2), f"{bogus}.lora_B.weight": torch.ones(2, 4)}
+    )
+    matched = []
+    real = lora_config._pattern_value
+    monkeypatch.setattr(lora_config, "_pattern_value", lambda p, name, d: matched.append(name) or real(p, name, d))
+    model = make_mlp(0)
+    with pytest.raises(AdapterFormatError, match=f"{'a' * 50}: no such module in the model"):
+        load_adapter(model, saved)
+    assert matched and set(matched) <= {name for name, _ in model.named_modules()}
 
 
 def test_load_refuses_an_adapter_for_another_base(saved):
