@@ -37,8 +37,9 @@ _BACKUP = ".old"
 def write_file_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write`` with a binary file that replaces ``path`` once it is written and synced. A failure of the
     operating system underneath (a full disk, a file size limit) is raised as its own `OSError`, even when
-    ``write``'s code wrapped it in another exception."""
-    path = _resolved(path)
+    ``write``'s code wrapped it in another exception. A symlink at ``path`` is replaced, as Lightning's own save
+    does (its ``last.ckpt`` may link to a top-k checkpoint that must stay)."""
+    path = Path(path)
     file = _staging_file(path)
     staging = Path(file.name)
     try:
@@ -59,8 +60,9 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def write_folder_atomically(path: Path, write: Callable[[Path], None], keep: Iterable[str] = ()) -> None:
-    """Call ``write`` with an empty folder that then replaces the folder ``path``; the files named in ``keep``
-    that the old folder has and ``write`` did not write are carried over in the same step."""
+    """Call ``write`` with an empty folder that then replaces the folder ``path`` (through a symlink: its target);
+    the files named in ``keep`` that the old folder has and ``write`` did not write are carried over in the same
+    step."""
     path = _resolved(path)
     staging, fd = _staging_folder(path)
     try:
@@ -117,7 +119,7 @@ def reworded(err: OSError, message: str) -> OSError:
 
 
 def _resolved(path: Path) -> Path:
-    """Through a symlink, the target is what gets written: the link stays a link."""
+    """A folder reached through a symlink is the folder written or read: the link stays a link."""
     path = Path(path)
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 

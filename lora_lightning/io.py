@@ -244,7 +244,7 @@ def _peft_config(
 def _check_adapter_name(caller: str, value: Any, optional: bool = False) -> None:
     if not is_adapter_name(value) and not (optional and value is None):
         default = "None (the active adapter) or " if optional else ""
-        raise ValueError(
+        raise AdapterFormatError(
             f"{caller}(adapter_name={value!r}): must be {default}a non-empty name without dots, e.g. 'default'"
         )
 

@@ -1,6 +1,6 @@
 """The bad-input table: every mistake gets one clear error that names the argument or file and says what would
 work, and leaves the model and the files on disk as they were. docs/reliability.md lists these cases with
-the ones tested elsewhere (tests/test_config.py, test_inject.py, test_io.py, test_callback.py).
+the ones tested elsewhere (tests/lib/test_config.py, test_inject.py, test_io.py, test_callback.py).
 
 Each case builds its situation in ``tmp_path`` and returns ``(model, action)``; the harness snapshots the
 model and every file under ``tmp_path``, runs ``action``, checks the error's type and message fragments
@@ -13,9 +13,7 @@ import json
 import math
 import os
 import pickle
-import signal
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from lora_lightning import (
 from lora_lightning.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.helpers.adapters import adapted_mlp, assert_unchanged, snapshot
 from tests.helpers.models import MLPModule, classification_data, make_llama, make_mlp, make_trainer
+from tests.helpers.timeouts import time_limit
 
 CONFIG = LoRAConfig(r=4, alpha=8, modules_to_save=["net.4"])
 PREFIX = "base_model.model."
@@ -450,7 +449,7 @@ def load_weights_that_are_a_fifo(tmp, mp):
     return load_into_mlp(tmp, lambda p: ((p / WEIGHTS_NAME).unlink(), os.mkfifo(p / WEIGHTS_NAME)))
 
 
-@case(ValueError, "load_adapter(adapter_name=None): must be a non-empty name without dots")
+@case(AdapterFormatError, "load_adapter(adapter_name=None): must be a non-empty name without dots")
 def load_under_adapter_name_none(tmp, mp):
     path = saved_adapter(tmp)
     model = adapted_mlp()
@@ -499,7 +498,7 @@ def save_with_a_base_model_name_that_is_a_number(tmp, mp):
     return model, lambda: save_adapter(model, tmp / "adapter", base_model_name_or_path=42)
 
 
-@case(ValueError, "save_adapter(adapter_name=5): must be None (the active adapter) or a non-empty name")
+@case(AdapterFormatError, "save_adapter(adapter_name=5): must be None (the active adapter) or a non-empty name")
 def save_with_an_adapter_name_that_is_a_number(tmp, mp):
     model = lora_mlp()
     return model, lambda: save_adapter(model, tmp / "adapter", adapter_name=5)
@@ -694,22 +693,6 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 def base_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k.replace(".base_layer", ""): v.clone() for k, v in module.state_dict().items() if ".lora_" not in k}
-
-
-@contextmanager
-def time_limit(seconds: int):
-    """A hang becomes a failure: SIGALRM interrupts the action."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"the action took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def test_the_table_has_at_least_30_cases():

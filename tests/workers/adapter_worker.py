@@ -1,4 +1,4 @@
-"""Subprocess side of the adapter-save crash test in tests/test_reliability_crash.py: saves an adapter and can
+"""Subprocess side of the adapter-save crash test in tests/lib/test_reliability_crash.py: saves an adapter and can
 stop itself mid-save ("PAUSED <path>" on stdout, then sleeps) so that the test kills it with SIGKILL there.
 
     python -m tests.workers.adapter_worker save PATH SEED [--pause mid-write|before-swap]

@@ -1,4 +1,4 @@
-"""Subprocess side of the training crash tests in tests/test_reliability_crash.py: trains, and can stop itself
+"""Subprocess side of the training crash tests in tests/lib/test_reliability_crash.py: trains, and can stop itself
 at a chosen point ("PAUSED"/"BLOCKED" on stdout, then sleeps) so that the test kills it with SIGKILL there.
 
     python -m tests.workers.crash_worker ROOT [--resume] [--block-at STEP] [--pause-save N] [--forget-position]

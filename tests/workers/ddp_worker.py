@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py in a fresh process: a LoRA fine-tune under DDP with 2 CPU (gloo) processes.
+"""Run by tests/lib/test_ddp.py in a fresh process: a LoRA fine-tune under DDP with 2 CPU (gloo) processes.
 
 Lightning's DDP launcher re-runs this script for rank 1; each rank writes what it saw to <out>/rank<k>.json.
 Usage: python -m tests.workers.ddp_worker <out dir> <epochs> [<ckpt to resume>]
