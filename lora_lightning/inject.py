@@ -231,23 +231,42 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
     if not targets and not problems:
         why = f" (modules_to_save={saved} holds {in_saved}, which are trained in full instead)" if in_saved else ""
         problems.append(f"target_modules={config.target_modules!r} leaves no layer to adapt{why}")
-    sizes: dict[torch.device, list[tuple[int, str]]] = {}
-    wide_ranks = []
-    shapes_of: dict[tuple, list[tuple[int, ...]]] = {}  # layers of one shape (most of a transformer) share theirs
     for name in targets:
         kind = lora_layer_type(modules[name])
+        if kind is not None:
+            spec = config.spec_for(canonical_name(name))
+            problems += [f"layer {name!r}: {p}" for p in kind.problems(modules[name], spec)]
+    size_problems, wide_ranks = _size_problems(modules, targets, config)
+    problems += size_problems
+    if problems:
+        raise TargetError(
+            "cannot inject LoRA:\n  - " + "\n  - ".join(problems) + f"\nadaptable layers: {_candidates(modules)}"
+        )
+    return _Plan(targets, saved, left_out, wide_ranks)
+
+
+def _size_problems(
+    modules: dict[str, nn.Module], targets: list[str], config: LoRAConfig
+) -> tuple[list[str], list[str]]:
+    """Every target's adapter sized from its shapes, without allocating: the problems (adapters that cannot be
+    built, or do not fit into the free memory of their device; an SVD/QR init asking for more directions than the
+    weight has) and the ranks above a layer's smaller side (``"'name' r=20 (16 -> 32)"``), which only warn."""
+    problems, wide_ranks = [], []
+    sizes: dict[torch.device, list[tuple[int, str]]] = {}
+    shapes_of: dict[tuple, list[tuple[int, ...]]] = {}  # layers of one shape (most of a transformer) share theirs
+    for name in targets:
+        base, kind = modules[name], lora_layer_type(modules[name])
         if kind is None:
             continue
         spec = config.spec_for(canonical_name(name))
-        problems += [f"layer {name!r}: {p}" for p in kind.problems(modules[name], spec)]
-        key = (kind, type(modules[name]), tuple(modules[name].weight.shape), kind.features(modules[name]), spec)
+        key = (kind, type(base), tuple(base.weight.shape), kind.features(base), spec)
         try:
             if key not in shapes_of:
-                shapes_of[key] = list(kind.adapter_shapes(modules[name], spec).values())
-            shapes = shapes_of[key]
+                shapes_of[key] = list(kind.adapter_shapes(base, spec).values())
         except (RuntimeError, OverflowError, ValueError) as err:
             problems.append(f"layer {name!r}: an adapter with r={spec.r} cannot be built ({str(err).splitlines()[0]})")
             continue
+        shapes = shapes_of[key]
         # A is [r, in, ...] and B is [out, r, ...] for every layer type: the update's rank is at most min(in, out)
         inputs, outputs = math.prod(shapes[0][1:]), shapes[1][0]
         if spec.r > min(inputs, outputs):
@@ -258,16 +277,10 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
                     f"{inputs} -> {outputs} weight, which has {min(inputs, outputs)}; lower r there (rank_pattern)"
                 )
         # adapters go where the base weight is, in its dtype (a 4-bit base's compute dtype)
-        base = modules[name]
         dtype = quant.compute_dtype(base) if quant.is_quantized(base) else base.weight.dtype
         size = sum(map(math.prod, shapes)) * dtype.itemsize
         sizes.setdefault(base.weight.device, []).append((size, f"{name!r} r={spec.r}"))
-    problems += _memory_problems(sizes)
-    if problems:
-        raise TargetError(
-            "cannot inject LoRA:\n  - " + "\n  - ".join(problems) + f"\nadaptable layers: {_candidates(modules)}"
-        )
-    return _Plan(targets, saved, left_out, wide_ranks)
+    return problems + _memory_problems(sizes), wide_ranks
 
 
 def free_bytes(device: torch.device) -> int | None:
