@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import stat
 from collections.abc import Callable
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from typing_extensions import override
 
-from lora_lightning.config import LoRAConfig
-from lora_lightning.files import write_file_atomically
+from lora_lightning.config import AdapterSpec, LoRAConfig
+from lora_lightning.files import reworded, write_file_atomically
 from lora_lightning.modules import canonical_name, shadow_method
-from lora_lightning.params import adapter_state_dict
+from lora_lightning.params import adapter_names, adapter_state_dict, lora_layers
 from lora_lightning.peft_format import CONFIG_NAME
 
-CHECKPOINT_KEY = "lora_config"  # the LoRAConfig a checkpoint was trained with, as a dict
+CHECKPOINT_KEY = "lora_config"  # the LoRAConfig a checkpoint was trained with, as a dict (when the callback had one)
+ADAPTERS_KEY = "lora_adapters"  # every adapter the checkpoint holds: {adapter: {layer: AdapterSpec as a dict}}
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -38,7 +41,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
       fsync: a process killed mid-save leaves the previous file intact (and a ``.<name>.tmp-*`` file that the
       next successful save of that name deletes). Lightning's own save stages in the system temp folder and,
       when that is another file system, copies over the target in place.
-    - Unreadable files fail with an error that names the file.
+    - Unreadable files, and paths that are not regular files (a FIFO would block the reader forever), fail with
+      an error that names the file; a failed write (a full disk) raises the operating system's error, with the file
+      named.
     """
 
     @override
@@ -46,7 +51,14 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
-        write_file_atomically(Path(path), lambda file: torch.save(checkpoint, file))
+        try:
+            write_file_atomically(Path(path), lambda file: torch.save(checkpoint, file))
+        except OSError as err:
+            message = (
+                f"cannot write checkpoint {str(path)!r}: {err}; choose a writable folder with free space "
+                "(ModelCheckpoint(dirpath=...))"
+            )
+            raise reworded(err, message) from err
 
     @override
     def load_checkpoint(
@@ -61,6 +73,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 else ""
             )
             raise IsADirectoryError(f"checkpoint {str(path)!r} is a folder, not a Lightning checkpoint file{hint}")
+        if _is_local_file_protocol(path) and Path(path).exists() and not Path(path).is_file():
+            kind = "a FIFO" if stat.S_ISFIFO(os.stat(path).st_mode) else "not a regular file"
+            raise OSError(f"checkpoint {str(path)!r} is {kind}; give the path of a checkpoint file")
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except pickle.UnpicklingError as err:
@@ -145,28 +160,84 @@ def make_checkpoints_adapter_only(module: pl.LightningModule, config: LoRAConfig
 
         return on_save_checkpoint
 
+    def check_before(original: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            check_checkpoint_adapters(checkpoint, module)
+            original(checkpoint)
+
+        return on_load_checkpoint
+
     shadow_method(module, "on_save_checkpoint", prune_after)
+    shadow_method(module, "on_load_checkpoint", check_before)  # Lightning calls it before it loads the weights
 
 
 def prune_to_adapters(checkpoint: dict[str, Any], module: nn.Module, config: LoRAConfig | None) -> None:
-    """Keep only ``module``'s adapter and ``modules_to_save`` tensors in ``checkpoint``, and record ``config``.
-    A module without adapters (after ``merge_lora``/``unload_lora``) keeps its whole state."""
+    """Keep only ``module``'s adapter and ``modules_to_save`` tensors in ``checkpoint``, record the hyperparameters
+    of every adapter of every layer (`ADAPTERS_KEY`) and ``config``. A module without adapters (after
+    ``merge_lora``/``unload_lora``) keeps its whole state."""
     keep = {canonical_name(k) for k in adapter_state_dict(module)}
     if keep:
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if canonical_name(k) in keep}
+        checkpoint[ADAPTERS_KEY] = {name: _adapter_specs(module, name) for name in adapter_names(module)}
         if config is not None:
             checkpoint[CHECKPOINT_KEY] = config.to_dict()
 
 
+def check_checkpoint_adapters(checkpoint: dict[str, Any], module: nn.Module) -> None:
+    """Refuse to resume a checkpoint whose adapters were trained with other hyperparameters than ``module``'s
+    adapters of the same name have on the same layers: their tensors would load, and train on with, say, the wrong
+    scaling. (Other ranks or layers fail the strict load of the tensors.) Checkpoints written before the record
+    existed pass."""
+    _trained_with(checkpoint)  # refused before the weights load, if this version cannot read it
+    recorded = checkpoint.get(ADAPTERS_KEY)
+    if not isinstance(recorded, dict):
+        return
+    known = {f.name for f in fields(AdapterSpec)}
+    for adapter, layers in recorded.items():
+        unknown = sorted({key for spec in layers.values() for key in spec} - known)
+        if unknown:
+            raise ValueError(
+                f"the checkpoint's {ADAPTERS_KEY!r} gives adapter {adapter!r} fields {unknown} that this version of "
+                "lora-lightning does not know (a newer version wrote it?); resume it with that version"
+            )
+        mine = _adapter_specs(module, adapter)
+        differ = sorted(n for n in set(layers) & set(mine) if layers[n]["r"] == mine[n]["r"] and layers[n] != mine[n])
+        if differ:
+            raise ValueError(
+                f"the checkpoint's adapter {adapter!r} was trained with other hyperparameters on {len(differ)} "
+                f"layer(s), e.g. {differ[0]!r}: {AdapterSpec(**layers[differ[0]])} in the checkpoint, "
+                f"{AdapterSpec(**mine[differ[0]])} in the module; resume with the same LoRAConfig (or, with "
+                "LoRAFinetuneCallback(None), an adapter loaded with those hyperparameters)"
+            )
+
+
 def check_checkpoint_config(checkpoint: dict[str, Any], config: LoRAConfig | None) -> None:
     """Refuse to resume a checkpoint trained with another `LoRAConfig` than ``config``."""
-    saved = checkpoint.get(CHECKPOINT_KEY)
-    if config is not None and saved is not None and LoRAConfig.from_dict(saved) != config:
+    trained_with = _trained_with(checkpoint)
+    if config is not None and trained_with is not None and trained_with != config:
         raise ValueError(
-            f"the checkpoint was trained with {LoRAConfig.from_dict(saved)}, this callback has {config}; "
-            "resume with the same LoRAConfig"
+            f"the checkpoint was trained with {trained_with}, this callback has {config}; resume with the same "
+            "LoRAConfig"
         )
+
+
+def _trained_with(checkpoint: dict[str, Any]) -> LoRAConfig | None:
+    """The checkpoint's `CHECKPOINT_KEY`, if it has one."""
+    saved = checkpoint.get(CHECKPOINT_KEY)
+    if saved is None:
+        return None
+    try:
+        return LoRAConfig.from_dict(saved)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"the checkpoint's {CHECKPOINT_KEY!r} cannot be read by this version of lora-lightning (a newer "
+            f"version wrote it?): {err}"
+        ) from None
+
+
+def _adapter_specs(module: nn.Module, adapter: str) -> dict[str, dict[str, Any]]:
+    return {canonical_name(n): asdict(layer.spec(adapter)) for n, layer in lora_layers(module, adapter)}
 
 
 def _tolerate_missing_base_keys(module: nn.Module, incompatible: Any) -> None:

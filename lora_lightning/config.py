@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from lora_lightning.modules import regex_problem
 from lora_lightning.peft_format import PEFT_KEYS
 
 ALL_LINEAR = "all-linear"
-INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<k>", "olora")
-_INIT = re.compile(r"kaiming|gaussian|pissa|pissa_niter_[1-9][0-9]*|olora")
+MAX_PISSA_NITER = 64  # randomised-SVD iterations; PEFT's docs use 4 to 16
+INITS = ("kaiming", "gaussian", "pissa", f"pissa_niter_<k> (k <= {MAX_PISSA_NITER})", "olora")
+_INIT = re.compile(r"kaiming|gaussian|pissa|pissa_niter_([1-9][0-9]{0,2})|olora")
+# Bounds on rank_pattern/alpha_pattern: each entry is a regex run against every targeted module's name.
+MAX_PATTERN_ENTRIES = 4096
+MAX_PATTERN_LENGTH = 1000
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ class LoRAConfig:
     def from_dict(cls, values: dict[str, Any]) -> LoRAConfig:
         known = sorted(f.name for f in fields(cls))
         if not isinstance(values, Mapping):
-            raise TypeError(f"LoRAConfig.from_dict expects a mapping of field names to values, got {values!r}")
+            raise TypeError(f"LoRAConfig.from_dict expects a mapping of field names to values, got {_shown(values)}")
         unknown = sorted(set(values) - set(known), key=str)
         if unknown:
             hints = [f"{_suggest(u, known)!r} for {u!r}" for u in unknown if _suggest(u, known)]
@@ -126,33 +132,34 @@ def field_problems(field: str, value: Any, shown_as: str | None = None) -> list[
 
 def _check_r(name: str, value: Any) -> Iterable[str]:
     if not _is_int(value) or value <= 0:
-        yield f"{name}={value!r}: the rank must be a positive int, e.g. {name}=8"
+        yield f"{name}={_shown(value)}: the rank must be a positive int, e.g. {name}=8"
 
 
 def _check_alpha(name: str, value: Any) -> Iterable[str]:
     if not _is_positive_finite(value):
-        yield f"{name}={value!r}: must be a positive finite number, e.g. {name}=16 (2 * r is common)"
+        yield f"{name}={_shown(value)}: must be a positive finite number, e.g. {name}=16 (2 * r is common)"
 
 
 def _check_dropout(name: str, value: Any) -> Iterable[str]:
     if not _is_number(value) or not 0.0 <= value < 1.0:
-        yield f"{name}={value!r}: must be a number in [0, 1), e.g. {name}=0.05"
+        yield f"{name}={_shown(value)}: must be a number in [0, 1), e.g. {name}=0.05"
 
 
 def _check_bool(name: str, value: Any) -> Iterable[str]:
     if not isinstance(value, bool):
-        yield f"{name}={value!r}: must be true or false (a bool)"
+        yield f"{name}={_shown(value)}: must be true or false (a bool)"
 
 
 def _check_init(name: str, value: Any) -> Iterable[str]:
-    if not isinstance(value, str) or not _INIT.fullmatch(value):
-        yield f"{name}={value!r}: must be one of {', '.join(INITS)}"
+    found = _INIT.fullmatch(value) if isinstance(value, str) else None
+    if found is None or int(found.group(1) or 0) > MAX_PISSA_NITER:
+        yield f"{name}={_shown(value)}: must be one of {', '.join(INITS)}"
 
 
 def _check_modules_to_save(name: str, value: Any) -> Iterable[str]:
     yield from _name_problems(name, value, required=False)
     if isinstance(value, str):
-        yield f"{name}={value!r}: must be a list of module names, e.g. ['classifier']"
+        yield f"{name}={_shown(value)}: must be a list of module names, e.g. ['classifier']"
 
 
 def _pattern_check(is_kind: Any, example: str) -> Any:
@@ -160,18 +167,23 @@ def _pattern_check(is_kind: Any, example: str) -> Any:
         if value is None:
             return
         if not isinstance(value, dict):
-            yield f"{name}={value!r}: must be a mapping of module-name patterns to values, e.g. {example}"
+            yield f"{name}={_shown(value)}: must be a mapping of module-name patterns to values, e.g. {example}"
+            return
+        if len(value) > MAX_PATTERN_ENTRIES:
+            yield f"{name} has {len(value):,} entries; at most {MAX_PATTERN_ENTRIES:,} are read"
             return
         for key, entry in value.items():
             if not isinstance(key, str) or not key:
-                yield f"{name}: key {key!r} must be a non-empty module-name pattern"
+                yield f"{name}: key {_shown(key)} must be a non-empty module-name pattern"
                 continue
-            try:
-                re.compile(key)
-            except re.error as err:
-                yield f"{name}: key {key!r} is not a valid regular expression ({err})"
+            if len(key) > MAX_PATTERN_LENGTH:
+                yield f"{name}: key {_shown(key)} is longer than {MAX_PATTERN_LENGTH} characters"
+                continue
+            problem = regex_problem(key)
+            if problem:
+                yield f"{name}: key {_shown(key)} {problem}"
             if not is_kind(entry) or not _is_positive_finite(entry):
-                yield f"{name}[{key!r}]={entry!r}: must be {example}"
+                yield f"{name}[{key!r}]={_shown(entry)}: must be {example}"
 
     return check
 
@@ -205,9 +217,24 @@ def _as_dict(value: Any) -> Any:
 
 def _pattern_value(pattern: dict[str, Any] | None, name: str, default: Any) -> Any:
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _pattern_regex(key).match(name):
             return value
     return default
+
+
+@functools.lru_cache(maxsize=MAX_PATTERN_ENTRIES)
+def _pattern_regex(key: str) -> re.Pattern[str]:
+    """PEFT's rule: ``key`` matches the whole name or a dotted suffix of it."""
+    return re.compile(rf"(.*\.)?({key})$")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a value read from a file can be huge)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<int of {value.bit_length():,} bits>"
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-4:]}"
 
 
 def _name_problems(name: str, value: Any, required: bool) -> Iterable[str]:
@@ -219,18 +246,17 @@ def _name_problems(name: str, value: Any, required: bool) -> Iterable[str]:
         if not value:
             yield f"{name}='': give layer names, a regex or 'all-linear'"
         elif value != ALL_LINEAR:
-            try:
-                re.compile(value)
-            except re.error as err:
-                yield f"{name}={value!r}: not a valid regular expression ({err})"
+            problem = regex_problem(value)
+            if problem:
+                yield f"{name}={_shown(value)} {problem}"
         return
     if not isinstance(value, list) or not value:
         alternatives = "or a regex string" if required else "a regex string, or None"
-        yield f"{name}={value!r}: must be a non-empty list of module names, {alternatives}"
+        yield f"{name}={_shown(value)}: must be a non-empty list of module names, {alternatives}"
         return
     bad = [v for v in value if not isinstance(v, str) or not v]
     if bad:
-        yield f"{name}={value!r}: entries must be non-empty strings, got {bad!r}"
+        yield f"{name}={_shown(value)}: entries must be non-empty strings, got {_shown(bad)}"
 
 
 def is_adapter_name(value: Any) -> bool:

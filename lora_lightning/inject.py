@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lora_lightning import quant
 from lora_lightning.adapters import set_active_adapter
 from lora_lightning.config import ALL_LINEAR, LoRAConfig, is_adapter_name
 from lora_lightning.layers import LoRALayer, LoRALinear, lora_layer_type
-from lora_lightning.modules import canonical_name, is_within, matches, replace_module
+from lora_lightning.modules import canonical_name, dotted_suffixes, is_within, name_matcher, replace_module
 from lora_lightning.params import (
     ParamSummary,
     adapter_names,
@@ -33,21 +36,27 @@ class TargetError(ValueError):
 
 @dataclass(frozen=True)
 class InjectionReport:
-    """What `inject_lora` adapted, and the parameter counts afterwards."""
+    """What `inject_lora` adapted, and the parameter counts afterwards; ``left_out`` are the output heads that
+    ``target_modules="all-linear"`` did not adapt."""
 
     targets: list[str]
     modules_to_save: list[str]
     params: ParamSummary
+    left_out: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
+        layers = f"{len(self.targets)} layer{'' if len(self.targets) == 1 else 's'}"
         saved = f"; trained in full: {', '.join(self.modules_to_save)}" if self.modules_to_save else ""
-        return f"LoRA on {len(self.targets)} layers; {self.params}{saved}"
+        left_out = f"; all-linear left out: {', '.join(self.left_out)}" if self.left_out else ""
+        return f"LoRA on {layers}; {self.params}{saved}{left_out}"
 
 
 @dataclass(frozen=True)
 class _Plan:
     targets: list[str]
     modules_to_save: list[str]
+    left_out: list[str]
+    wide_ranks: list[str]  # "'name' r=20 (16 -> 32)": ranks above a layer's smaller side, as PEFT allows
 
 
 def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> list[str]:
@@ -61,6 +70,12 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defau
     (``modules_to_save`` stay trainable) and return a report. Everything is checked first: on error the
     model is untouched."""
     plan = _plan(model, config, adapter_name)
+    if plan.wide_ranks:
+        warnings.warn(
+            f"r exceeds the smaller side of {len(plan.wide_ranks)} layer(s), so the update's rank stays below r "
+            f"there (PEFT allows this too; it only costs memory): {', '.join(plan.wide_ranks[:10])}",
+            stacklevel=2,
+        )
     for name in plan.targets:
         module = model.get_submodule(name)
         spec = config.spec_for(canonical_name(name))
@@ -73,7 +88,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defau
     for name in plan.modules_to_save:
         mark_trained_in_full(model.get_submodule(name))
     mark_only_adapters_trainable(model, adapter_name)
-    return InjectionReport(plan.targets, plan.modules_to_save, param_summary(model))
+    return InjectionReport(plan.targets, plan.modules_to_save, param_summary(model), plan.left_out)
 
 
 def prepare_adapter(
@@ -194,9 +209,12 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
     saved = _select(modules, config.modules_to_save, "modules_to_save", problems) if config.modules_to_save else []
     inside_saved = {n for n in modules if any(is_within(n, s) for s in saved)}
 
+    left_out = []
     if config.target_modules == ALL_LINEAR:
         heads = output_heads(model)
-        targets = [n for n, m in modules.items() if lora_layer_type(m) is LoRALinear and n not in heads]
+        linears = [n for n, m in modules.items() if lora_layer_type(m) is LoRALinear]
+        targets = [n for n in linears if n not in heads]
+        left_out = [n for n in linears if n in heads]
     else:
         targets = _select(modules, config.target_modules, "target_modules", problems)
         unsupported = [f"{n} ({type(modules[n]).__name__})" for n in targets if lora_layer_type(modules[n]) is None]
@@ -215,31 +233,104 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
         problems.append(f"target_modules={config.target_modules!r} leaves no layer to adapt{why}")
     for name in targets:
         kind = lora_layer_type(modules[name])
-        if kind is None:
-            continue
-        spec = config.spec_for(canonical_name(name))
-        problems += [f"layer {name!r}: {p}" for p in kind.problems(modules[name], spec)]
-        if kind is LoRALinear:
-            in_features, out_features = kind.features(modules[name])
-            if spec.r > min(in_features, out_features):
-                problems.append(
-                    f"r={spec.r} exceeds layer {name!r} ({in_features} -> {out_features}); "
-                    f"use r <= {min(in_features, out_features)} or exclude the layer"
-                )
+        if kind is not None:
+            spec = config.spec_for(canonical_name(name))
+            problems += [f"layer {name!r}: {p}" for p in kind.problems(modules[name], spec)]
+    size_problems, wide_ranks = _size_problems(modules, targets, config)
+    problems += size_problems
     if problems:
         raise TargetError(
             "cannot inject LoRA:\n  - " + "\n  - ".join(problems) + f"\nadaptable layers: {_candidates(modules)}"
         )
-    return _Plan(targets, saved)
+    return _Plan(targets, saved, left_out, wide_ranks)
+
+
+def _size_problems(
+    modules: dict[str, nn.Module], targets: list[str], config: LoRAConfig
+) -> tuple[list[str], list[str]]:
+    """Every target's adapter sized from its shapes, without allocating: the problems (adapters that cannot be
+    built, or do not fit into the free memory of their device; an SVD/QR init asking for more directions than the
+    weight has) and the ranks above a layer's smaller side (``"'name' r=20 (16 -> 32)"``), which only warn."""
+    problems, wide_ranks = [], []
+    sizes: dict[torch.device, list[tuple[int, str]]] = {}
+    shapes_of: dict[tuple, list[tuple[int, ...]]] = {}  # layers of one shape (most of a transformer) share theirs
+    for name in targets:
+        base, kind = modules[name], lora_layer_type(modules[name])
+        if kind is None:
+            continue
+        spec = config.spec_for(canonical_name(name))
+        key = (kind, type(base), tuple(base.weight.shape), kind.features(base), spec)
+        try:
+            if key not in shapes_of:
+                shapes_of[key] = list(kind.adapter_shapes(base, spec).values())
+        except (RuntimeError, OverflowError, ValueError) as err:
+            problems.append(f"layer {name!r}: an adapter with r={spec.r} cannot be built ({str(err).splitlines()[0]})")
+            continue
+        shapes = shapes_of[key]
+        # A is [r, in, ...] and B is [out, r, ...] for every layer type: the update's rank is at most min(in, out)
+        inputs, outputs = math.prod(shapes[0][1:]), shapes[1][0]
+        if spec.r > min(inputs, outputs):
+            wide_ranks.append(f"{name!r} r={spec.r} ({inputs} -> {outputs})")
+            if spec.init.startswith(("pissa", "olora")):
+                problems.append(
+                    f"layer {name!r}: init={spec.init!r} takes the top r={spec.r} singular directions of a "
+                    f"{inputs} -> {outputs} weight, which has {min(inputs, outputs)}; lower r there (rank_pattern)"
+                )
+        # adapters go where the base weight is, in its dtype (a 4-bit base's compute dtype)
+        dtype = quant.compute_dtype(base) if quant.is_quantized(base) else base.weight.dtype
+        size = sum(map(math.prod, shapes)) * dtype.itemsize
+        sizes.setdefault(base.weight.device, []).append((size, f"{name!r} r={spec.r}"))
+    return problems + _memory_problems(sizes), wide_ranks
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory that can still be allocated on ``device`` (``None``: unknown or unlimited, as on ``meta``)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            available = next(line for line in meminfo if line.startswith("MemAvailable:"))
+        return int(available.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def _memory_problems(sizes: dict[torch.device, list[tuple[int, str]]]) -> list[str]:
+    """The adapters of each device (``(bytes, "'layer' r=...")``) must fit into what is free there."""
+    problems = []
+    for device, layers in sizes.items():
+        need, free = sum(n for n, _ in layers), free_bytes(device)
+        if free is not None and need > free:
+            largest = ", ".join(f"{what} ({_bytes(n)})" for n, what in sorted(layers, reverse=True)[:5])
+            problems.append(
+                f"the adapters need {_bytes(need)} on {device}, which has {_bytes(free)} free; the largest: "
+                f"{largest}; lower r (or rank_pattern) for these layers"
+            )
+    return problems
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes in decimal units, e.g. ``192.0 TB``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
 
 
 def _select(modules: dict[str, nn.Module], pattern: list[str] | str, field: str, problems: list[str]) -> list[str]:
     """Module names matching ``pattern``; every list entry (or the regex) must match at least one."""
-    selected = [n for n in modules if matches(n, pattern)]
+    selected = list(filter(name_matcher(pattern), modules))
     if isinstance(pattern, str):
         unmatched = [] if selected else [pattern]
     else:
-        unmatched = [entry for entry in pattern if not any(matches(n, [entry]) for n in selected)]
+        covered = {suffix for name in selected for suffix in dotted_suffixes(name)}
+        unmatched = [entry for entry in pattern if entry not in covered]
     if unmatched:
         problems.append(f"{field}: {unmatched} match no module of the model")
     return selected

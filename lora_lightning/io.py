@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 
 from lora_lightning.adapters import active_adapter, set_active_adapter
-from lora_lightning.config import LoRAConfig, field_problems
-from lora_lightning.files import write_folder_atomically
+from lora_lightning.config import LoRAConfig, field_problems, is_adapter_name
+from lora_lightning.files import read_files, reworded, write_folder_atomically
 from lora_lightning.inject import InjectionReport, find_targets, inject_lora
 from lora_lightning.layers import LoRALayer, lora_layer_type
-from lora_lightning.modules import canonical_name, is_within, matches
+from lora_lightning.modules import canonical_name, is_within, name_matcher
 from lora_lightning.params import (
     adapter_names,
     lora_layers,
@@ -37,6 +37,7 @@ from lora_lightning.params import (
 from lora_lightning.peft_format import (
     ADAPTER_FILES,
     ADAPTER_KEYS,
+    CARD_NAME,
     CONFIG_NAME,
     PEFT_KEYS,
     PEFT_PREFIX,
@@ -47,6 +48,7 @@ from lora_lightning.peft_format import (
 
 # The adapter_config.json fields that loading uses; the targets come from the tensor file's keys.
 LOADED_FIELDS = ("r", "alpha", "dropout", "use_rslora", "use_dora", "init", "rank_pattern", "alpha_pattern")
+MAX_CONFIG_BYTES = 16 * 2**20  # PEFT's adapter_config.json files are a few kB
 
 
 class AdapterFormatError(ValueError):
@@ -67,6 +69,8 @@ def save_adapter(
     LightningModule). ``state_dict`` (keyed like ``model.state_dict()``) supplies the tensors instead of the
     model's own, e.g. the full tensors an FSDP strategy gathered from the ranks' shards."""
     path = Path(path)
+    _check_adapter_name("save_adapter", adapter_name, optional=True)
+    base_model_name_or_path = _base_model_name(base_model_name_or_path)
     if adapter_name is None:
         adapter_name = active_adapter(model) if list(lora_layers(model)) else None
     layers = list(lora_layers(model, adapter_name)) if adapter_name else []
@@ -110,14 +114,20 @@ def save_adapter(
         for key, (file_key, tensor) in own.items()
     }
 
+    data = {
+        WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),  # written by Python: a failed write is an OSError
+        CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+    }
+
     def write(folder: Path) -> None:
-        save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, content in data.items():
+            (folder / name).write_bytes(content)
 
     try:
-        write_folder_atomically(path, write)
+        write_folder_atomically(path, write, keep=[CARD_NAME])  # a model card the user wrote stays
     except OSError as err:
-        raise type(err)(f"save_adapter: cannot write {str(path)!r}: {err}; choose a writable folder") from err
+        message = f"save_adapter: cannot write {str(path)!r}: {err}; choose a writable folder with free space"
+        raise reworded(err, message) from err
     return path
 
 
@@ -130,12 +140,23 @@ def load_adapter(
     the base stays frozen. Base weights that PEFT saves beside a targeted embedding's adapter
     (``save_embedding_layers``) load into that base layer, as in PEFT. Everything is checked before the model
     is touched."""
-    config_file, weights_file = _adapter_files(Path(path))
-    values, saved_patterns = _read_peft_config(config_file)
-    lora, extra = _split_keys(_read_tensors(weights_file), weights_file)
+    _check_adapter_name("load_adapter", adapter_name)
+    path = Path(path)
+    config_bytes, weights_bytes = _read_adapter_files(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    values, saved_patterns = _read_peft_config(config_bytes, config_file)
+    lora, extra = _split_keys(_read_tensors(weights_bytes, weights_file), weights_file)
     names = {canonical_name(n): n for n, _ in model.named_modules() if n}  # PEFT's name -> the model's name
-    saved = [p for p in names if matches(p, saved_patterns or [])]
-    targets = [names.get(p, p) for p in sorted(lora)]
+    is_saved = name_matcher(saved_patterns or [])
+    saved = [p for p in names if is_saved(p)]
+    # Only the model's own module names are ever matched against the file's patterns: a name that is only in
+    # the file is reported by _check_fit, unmatched.
+    targets = [names[p] for p in sorted(lora) if p in names]
+    if not targets:
+        raise AdapterFormatError(
+            f"load_adapter: {str(weights_file)!r} does not fit this model: none of its {len(lora)} adapted modules "
+            f"is in the model (e.g. {sorted(lora)[:3]})"
+        )
     # re-creates the saved adapter on exactly the modules the file holds tensors for
     config = LoRAConfig(
         **values,
@@ -220,14 +241,37 @@ def _peft_config(
     }
 
 
-def _adapter_files(path: Path) -> tuple[Path, Path]:
-    if not path.is_dir():
+def _check_adapter_name(caller: str, value: Any, optional: bool = False) -> None:
+    if not is_adapter_name(value) and not (optional and value is None):
+        default = "None (the active adapter) or " if optional else ""
+        raise AdapterFormatError(
+            f"{caller}(adapter_name={value!r}): must be {default}a non-empty name without dots, e.g. 'default'"
+        )
+
+
+def _base_model_name(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(
+        f"save_adapter(base_model_name_or_path={value!r}): must be a str (a hub id or a folder) or a path, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _read_adapter_files(path: Path) -> tuple[bytes, bytes]:
+    """The two files of the folder, read together (a save cannot land between the two reads)."""
+    try:
+        found = read_files(path, {CONFIG_NAME: MAX_CONFIG_BYTES, WEIGHTS_NAME: None})
+    except NotADirectoryError:
         raise AdapterFormatError(
             f"load_adapter: {str(path)!r} is not a folder; expected a PEFT adapter folder holding "
             f"{CONFIG_NAME} and {WEIGHTS_NAME}"
-        )
-    files = path / CONFIG_NAME, path / WEIGHTS_NAME
-    missing = [f.name for f in files if not f.is_file()]
+        ) from None
+    except OSError as err:
+        raise AdapterFormatError(f"load_adapter: cannot read {str(err.filename or path)!r}: {err.strerror}") from None
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if name not in found]
     if missing:
         hint = (
             " (.bin adapters are pickles and are refused; convert them to safetensors)"
@@ -235,15 +279,15 @@ def _adapter_files(path: Path) -> tuple[Path, Path]:
             else ""
         )
         raise AdapterFormatError(f"load_adapter: {str(path)!r} lacks {missing}{hint}")
-    return files
+    return found[CONFIG_NAME], found[WEIGHTS_NAME]
 
 
-def _read_peft_config(file: Path) -> tuple[dict[str, Any], list[str] | None]:
+def _read_peft_config(data: bytes, file: Path) -> tuple[dict[str, Any], list[str] | None]:
     """The `LoRAConfig` values of ``LOADED_FIELDS`` and the ``modules_to_save`` entries in ``adapter_config.json``,
     each checked by `LoRAConfig`'s own rules; every problem is reported at once, by PEFT's key."""
     try:
-        peft = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        peft = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also an int of 4,300+ digits
         raise AdapterFormatError(f"load_adapter: {str(file)!r} is not valid JSON ({err})") from None
     if not isinstance(peft, dict):
         raise AdapterFormatError(f"load_adapter: {str(file)!r} must hold a JSON object")
@@ -262,9 +306,9 @@ def _read_peft_config(file: Path) -> tuple[dict[str, Any], list[str] | None]:
     return {field: values[field] for field in LOADED_FIELDS}, values["modules_to_save"]
 
 
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(data: bytes, file: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(file)
+        return load(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFormatError(f"load_adapter: {str(file)!r} is not a readable safetensors file ({err})") from None
 
@@ -319,8 +363,11 @@ def _check_fit(
             f"other adapters {others}; load it into a model without other adapters"
         )
     for name, tensors in sorted(lora.items()):
-        module = model.get_submodule(names[name]) if name in names else None
-        spec = config.spec_for(names.get(name, name))
+        if name not in names:
+            problems.append(f"{name}: no such module in the model")
+            continue
+        module = model.get_submodule(names[name])
+        spec = config.spec_for(name)
         owner = next((s for s in saved if is_within(name, s)), None)
         if owner is not None:
             problems.append(
@@ -334,10 +381,9 @@ def _check_fit(
             )
             continue
         base_module = module.base_layer if isinstance(module, LoRALayer) else module
-        kind = lora_layer_type(base_module) if base_module is not None else None
+        kind = lora_layer_type(base_module)
         if kind is None:
-            what = "no such module" if module is None else f"a {type(module).__name__}, which takes no LoRA"
-            problems.append(f"{name}: {what} in the model")
+            problems.append(f"{name}: a {type(module).__name__}, which takes no LoRA, in the model")
             continue
         try:
             needed = kind.adapter_shapes(base_module, spec)

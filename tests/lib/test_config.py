@@ -1,8 +1,10 @@
 import math
+import re
 
 import pytest
 
 from lora_lightning import LoRAConfig
+from lora_lightning.modules import regex_problem
 
 
 def test_defaults_and_scaling():
@@ -56,3 +58,41 @@ def test_every_problem_is_reported_at_once():
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match=r"unknown LoRAConfig field\(s\) \['rank'\]"):
         LoRAConfig.from_dict({"rank": 8})
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"q_proj",
+        r".*\.(q|k)_proj",
+        r"model\.layers\.\d+\.mlp\..*_proj",
+        r"^model\.layers\.0\.q_proj",
+        "(?:ab){2,}",
+        "[024]",
+    ],
+)
+def test_module_regexes_that_match_in_bounded_time_are_accepted(pattern):
+    assert regex_problem(pattern) is None
+    assert LoRAConfig(target_modules=pattern, rank_pattern={pattern: 2}).rank_pattern == {pattern: 2}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("(a+)+$", "repeats a repetition"),
+        (r"(\d+\.)*q_proj", "repeats a repetition"),
+        ("(a|aa)*b", "repeats an alternation"),
+        (r"(q)\1", "uses a backreference"),
+        ("(?P<x>q)(?(x)a|b)", "conditional group"),
+        (r"\w*\w*\w*\w*!", "has 4 variable-length repetitions"),
+        ("(?<=a+)b", "is not a valid regular expression"),
+        ("a{99999999999}", "is not a valid regular expression"),
+    ],
+)
+def test_regexes_that_could_hang_a_match_are_refused_everywhere_a_pattern_is_read(pattern, reason):
+    """(Nesting deep enough to exhaust the parser's recursion is refused too: "is not a valid regular expression".)"""
+    assert reason in regex_problem(pattern)
+    for field in ({"target_modules": pattern}, {"exclude_modules": pattern}, {"rank_pattern": {pattern: 2}}):
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            LoRAConfig(**field)
+    assert regex_problem("(" * 5000 + ")" * 5000).startswith("is not a valid regular expression")

@@ -24,7 +24,8 @@ def test_ddp_trains_adapters_only_checkpoints_once_and_resumes(tmp_path):
     ranks = run(tmp_path / "first", epochs=2)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["adapter_sum"] == ranks[1]["adapter_sum"]  # DDP kept the replicas in step
-    assert all(r["frozen_moved"] == [] for r in ranks)
+    assert all(r["frozen_checked"] == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"] for r in ranks)
+    assert all(r["frozen_moved"] == [] for r in ranks)  # (the base lives under .base_layer once adapted)
     assert set(ranks[0]["params_with_grad"]) == {
         "net.0.lora_A.default.weight", "net.0.lora_B.default.weight",
         "net.2.lora_A.default.weight", "net.2.lora_B.default.weight",

@@ -1,4 +1,4 @@
-import time
+import re
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from lora_lightning import (
     TargetError,
     adapter_parameters,
     find_targets,
+    inject,
     inject_lora,
     merge_lora,
     unload_lora,
@@ -78,7 +79,46 @@ def test_inject_freezes_the_base_and_counts_parameters():
     expected_adapter = 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))
     assert report.params.adapter == report.params.trainable == expected_adapter
     assert report.params.total == total_before + expected_adapter
-    assert "LoRA on 4 layers" in str(report)
+    assert "LoRA on 4 layers" in str(report) and "left out" not in str(report)
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "line"),
+    [
+        (make_mlp, {"target_modules": ["0"]}, "LoRA on 1 layer; trainable params: 96 of 1,828 .*"),
+        (make_mlp, {}, "LoRA on 2 layers; trainable params: .*; all-linear left out: 4$"),
+        (make_llama, {}, "LoRA on 14 layers; .*; all-linear left out: lm_head$"),
+    ],
+)
+def test_the_report_line_counts_layers_and_names_the_heads_all_linear_left_out(model, kwargs, line):
+    assert re.fullmatch(line, str(inject_lora(model(), LoRAConfig(r=2, **kwargs))))
+
+
+def test_a_rank_above_a_layers_side_warns_and_works_as_in_peft():
+    """r=20 on a 16 -> 32 layer: the update's rank stays 16 there; PEFT allows it, so we do, and say where."""
+    model = make_mlp()
+    x = torch.randn(3, 16)
+    with pytest.warns(UserWarning, match=r"smaller side of 1 layer\(s\).*: '0' r=20 \(16 -> 32\)$"):
+        inject_lora(model, LoRAConfig(r=20))
+    assert model[0].lora_A["default"].weight.shape == (20, 16)
+    model(x).sum().backward()
+    assert model[0].lora_B["default"].weight.grad is not None
+
+
+def test_the_adapter_bytes_are_checked_against_the_free_memory_of_their_device(monkeypatch):
+    """The estimate from the shapes (A and B of r=4 on 16 -> 32 and 32 -> 32, fp32: 1,792 bytes) against what
+    `free_bytes` reports: one byte short is refused before any change, enough passes."""
+    need = 4 * 4 * (16 + 32 + 32 + 32)
+    for free, refused in ((need - 1, True), (need, False)):
+        monkeypatch.setattr(inject, "free_bytes", lambda device, free=free: free)
+        model = make_mlp()
+        before = snapshot(model)
+        if refused:
+            with pytest.raises(TargetError, match=rf"need 1.8 kB on cpu, which has {need - 1:,} B free|need 1.8 kB"):
+                inject_lora(model, LoRAConfig(r=4))
+            assert_unchanged(model, before)
+        else:
+            inject_lora(model, LoRAConfig(r=4))
 
 
 def test_injected_model_is_unchanged_at_step_zero():
@@ -99,7 +139,7 @@ def test_injected_model_is_unchanged_at_step_zero():
         ({"target_modules": ["input_layernorm"]}, "LlamaRMSNorm"),
         ({"target_modules": "all-linear", "exclude_modules": ["q_prj"]}, r"exclude_modules: \['q_prj'\]"),
         ({"modules_to_save": ["classifier"]}, r"modules_to_save: \['classifier'\] match no module"),
-        ({"r": 64}, r"r=64 exceeds layer 'model.layers.0.self_attn.q_proj' \(32 -> 32\)"),
+        ({"r": 10**9}, r"the adapters need 4.1 TB on cpu, which has .* free; the largest: '.*' r=1000000000"),
         ({"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]}, "leaves no layer to adapt"),
     ],
 )
@@ -152,19 +192,18 @@ def test_unload_lora_restores_the_original_model():
     inject_lora(model, LoRAConfig(r=2))  # and it can be adapted again
 
 
-def test_injection_on_the_meta_device_allocates_nothing_and_is_fast():
+def test_injection_on_the_meta_device_allocates_nothing():
+    """(Its speed is measured in benchmarks/, not asserted here.)"""
     with torch.device("meta"):
         model = nn.ModuleDict(
             {f"layer{i}": nn.ModuleDict({"q": nn.Linear(4096, 4096), "up": nn.Linear(4096, 14336)}) for i in range(32)}
         )
-    start = time.perf_counter()
     report = inject_lora(model, LoRAConfig(r=16, target_modules=["q", "up"]))
-    assert time.perf_counter() - start < 5.0
     assert len(report.targets) == 64
     assert all(p.is_meta for p in model.parameters())
 
 
-def test_injecting_into_an_8b_llama_on_the_meta_device_takes_under_a_second():
+def test_injecting_into_an_8b_llama_on_the_meta_device_allocates_nothing():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -172,10 +211,7 @@ def test_injecting_into_an_8b_llama_on_the_meta_device_takes_under_a_second():
     )  # fmt: skip
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
-    start = time.perf_counter()
     report = inject_lora(model, LoRAConfig(r=16, alpha=32))
-    elapsed = time.perf_counter() - start
     assert len(report.targets) == 32 * 7 and "lm_head" not in report.targets
     assert report.params.adapter == 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
     assert all(p.is_meta for p in model.parameters())  # nothing allocated
-    assert elapsed < 1.0, elapsed

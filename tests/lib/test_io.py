@@ -14,13 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import lora_lightning.io as lora_io
+import lora_lightning.config as lora_config
 from lora_lightning import (
     AdapterFormatError,
     AdapterSpec,
     LoRAConfig,
     LoRAFinetuneCallback,
     LoRALinear,
+    SafeCheckpointIO,
     adapter_state_dict,
     inject_lora,
     load_adapter,
@@ -195,9 +196,10 @@ def test_folder_holds_peft_config_and_safetensors_with_only_adapter_tensors(save
     assert torch.equal(tensors[f"{PREFIX}4.weight"], model[4].weight)
 
 
-def test_base_model_name_or_path_is_recorded(tmp_path):
-    path = save_adapter(adapted_mlp(), tmp_path / "a", base_model_name_or_path="org/base-model")
-    assert json.loads((path / CONFIG_NAME).read_text())["base_model_name_or_path"] == "org/base-model"
+@pytest.mark.parametrize("given", ["org/base-model", Path("/models/base")], ids=["str", "path"])
+def test_base_model_name_or_path_is_recorded(tmp_path, given):
+    path = save_adapter(adapted_mlp(), tmp_path / "a", base_model_name_or_path=given)
+    assert json.loads((path / CONFIG_NAME).read_text())["base_model_name_or_path"] == str(given)
 
 
 class Holder(nn.Module):
@@ -295,6 +297,20 @@ def test_load_adapter_reproduces_a_peft_adapter(tmp_path, extra):
     torch.testing.assert_close(logits(again), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_load_adapter_reproduces_a_peft_adapter_whose_rank_exceeds_its_layers(tmp_path):
+    """PEFT takes r=48 on 32-wide layers; so do we, with a warning that names them."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(make_llama(0), peft.LoraConfig(r=48, lora_alpha=96, target_modules=["q_proj"]))
+    perturb_peft_adapter(theirs, 6)
+    expected = logits(theirs.eval())
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = make_llama(0)
+    warning = r"r exceeds the smaller side of 2 layer.*'model.layers.0.self_attn.q_proj' r=48 \(32 -> 32\)"
+    with pytest.warns(UserWarning, match=warning):
+        load_adapter(ours, tmp_path / "peft")
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_load_adapter_accepts_peft_sequence_classification_adapters(tmp_path):
     """PEFT's SEQ_CLS task lists modules_to_save=["classifier", "score"]; a Llama classifier has only
     ``score``. PEFT loads such adapters, so must we."""
@@ -384,24 +400,39 @@ def test_overwrite_works_without_renameat2(saved, monkeypatch):
     torch.testing.assert_close(outputs(fresh), outputs(newer), rtol=0, atol=0)
 
 
-def test_a_failed_write_keeps_the_old_folder(saved, monkeypatch):
-    before = folder_bytes(saved)
-
-    def disk_full(*args, **kwargs):
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(lora_io, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        save_adapter(adapted_mlp(noise_seed=9), saved, overwrite=True)
-    assert folder_bytes(saved) == before
-    assert leftovers(saved.parent) == []
-
-
-def test_saved_folder_has_the_permissions_of_any_new_folder(tmp_path):
-    """A 0700 folder (what tempfile.mkdtemp makes) would hide the adapter from other users and services."""
+def test_saved_folders_and_files_have_the_permissions_of_any_new_ones(tmp_path):
+    """A 0700 folder (what tempfile.mkdtemp makes) or a 0600 tensors file (what safetensors' own writer makes)
+    would hide the adapter from other users and services; checkpoints the same."""
     path = save_adapter(adapted_mlp(), tmp_path / "adapter")
+    SafeCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "last.ckpt")
     (tmp_path / "plain").mkdir()
-    assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    (tmp_path / "plain.txt").write_text("")
+    mode = {p.name: p.stat().st_mode & 0o777 for p in (*tmp_path.iterdir(), *path.iterdir())}
+    assert mode["adapter"] == mode["plain"]
+    assert mode[WEIGHTS_NAME] == mode[CONFIG_NAME] == mode["last.ckpt"] == mode["plain.txt"]
+
+
+def test_overwrite_keeps_a_model_card_the_user_wrote(saved):
+    (saved / "README.md").write_text("# my adapter\n")
+    newer = adapted_mlp(noise_seed=9)
+    save_adapter(newer, saved, overwrite=True)
+    assert (saved / "README.md").read_text() == "# my adapter\n"
+    fresh = make_mlp(0).eval()
+    load_adapter(fresh, saved)
+    torch.testing.assert_close(outputs(fresh), outputs(newer), rtol=0, atol=0)
+
+
+def test_overwrite_through_a_symlink_replaces_its_target_and_keeps_the_link(saved, tmp_path):
+    """It used to swap the link itself for the new folder, report "cannot write" and leave a staging link."""
+    link = tmp_path / "latest"
+    link.symlink_to(saved, target_is_directory=True)
+    newer = adapted_mlp(noise_seed=9)
+    assert save_adapter(newer, link, overwrite=True) == link
+    assert link.is_symlink() and link.resolve() == saved.resolve()
+    fresh = make_mlp(0).eval()
+    load_adapter(fresh, link)
+    torch.testing.assert_close(outputs(fresh), outputs(newer), rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "latest"]
 
 
 def test_atomicity_smoke_two_overwrites_leave_one_clean_folder(tmp_path):
@@ -549,6 +580,23 @@ def test_load_refuses_pickled_bin_adapters_without_unpickling(saved, tmp_path):
     assert str(saved) in message and WEIGHTS_NAME in message and ".bin" in message and "refused" in message
     assert not marker.exists(), "the .bin file was unpickled"
     assert_unchanged(model, before)
+
+
+def test_load_matches_the_files_patterns_against_the_models_module_names_only(saved, monkeypatch):
+    """A name from the tensor file that the model lacks is reported, never run through rank_pattern/alpha_pattern
+    (a hostile pattern plus a long bogus name used to hang the loader)."""
+    edit_config(saved, rank_pattern={"^0$": 4}, alpha_pattern={"2": 8})
+    bogus = f"{PREFIX}{'a' * 50}"
+    edit_tensors(
+        saved, lambda t: {**t, f"{bogus}.lora_A.weight": torch.ones(4, 2), f"{bogus}.lora_B.weight": torch.ones(2, 4)}
+    )
+    matched = []
+    real = lora_config._pattern_value
+    monkeypatch.setattr(lora_config, "_pattern_value", lambda p, name, d: matched.append(name) or real(p, name, d))
+    model = make_mlp(0)
+    with pytest.raises(AdapterFormatError, match=f"{'a' * 50}: no such module in the model"):
+        load_adapter(model, saved)
+    assert matched and set(matched) <= {name for name, _ in model.named_modules()}
 
 
 def test_load_refuses_an_adapter_for_another_base(saved):

@@ -1,6 +1,6 @@
 """Untrusted files: adapters load through JSON + safetensors only, checkpoints through the weights-only unpickler,
 a pickle payload disguised as either is refused without running, and a fuzzed adapter loader gives only clean
-errors. (``.bin`` adapters: tests/test_io.py::test_load_refuses_pickled_bin_adapters_without_unpickling.)
+errors. (``.bin`` adapters: tests/lib/test_io.py::test_load_refuses_pickled_bin_adapters_without_unpickling.)
 """
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ import math
 import os
 import pickle
 import random
-import signal
 import struct
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -34,6 +32,7 @@ from lora_lightning.params import lora_layers
 from lora_lightning.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.helpers.adapters import adapted_mlp, assert_unchanged, snapshot
 from tests.helpers.models import MLPModule, classification_data, make_mlp, make_trainer
+from tests.helpers.timeouts import time_limit
 
 CONFIG = LoRAConfig(r=4, alpha=8, modules_to_save=["net.4"])
 
@@ -202,22 +201,6 @@ def test_the_callback_installs_the_safe_io_only_over_lightnings_default(tmp_path
 
 
 # ----------------------------------------------------------------------------------------------- fuzzing
-
-
-@contextmanager
-def time_limit(seconds: int):
-    """A hang becomes a failure: SIGALRM interrupts the loader."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"load_adapter took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _template() -> dict[str, bytes]:

@@ -1,6 +1,6 @@
 """The bad-input table: every mistake gets one clear error that names the argument or file and says what would
 work, and leaves the model and the files on disk as they were. docs/reliability.md lists these cases with
-the ones tested elsewhere (tests/test_config.py, test_inject.py, test_io.py, test_callback.py).
+the ones tested elsewhere (tests/lib/test_config.py, test_inject.py, test_io.py, test_callback.py).
 
 Each case builds its situation in ``tmp_path`` and returns ``(model, action)``; the harness snapshots the
 model and every file under ``tmp_path``, runs ``action``, checks the error's type and message fragments
@@ -9,9 +9,9 @@ model and every file under ``tmp_path``, runs ``action``, checks the error's typ
 
 from __future__ import annotations
 
-import errno
 import json
 import math
+import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +24,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import lora_lightning.io as lora_io
 from lora_lightning import (
     AdapterFormatError,
     LoRAConfig,
@@ -37,6 +36,7 @@ from lora_lightning import (
 from lora_lightning.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.helpers.adapters import adapted_mlp, assert_unchanged, snapshot
 from tests.helpers.models import MLPModule, classification_data, make_llama, make_mlp, make_trainer
+from tests.helpers.timeouts import time_limit
 
 CONFIG = LoRAConfig(r=4, alpha=8, modules_to_save=["net.4"])
 PREFIX = "base_model.model."
@@ -46,7 +46,7 @@ PREFIX = "base_model.model."
 class Case:
     build: Callable[[Path, pytest.MonkeyPatch], tuple[nn.Module | None, Callable[[], Any]]]
     error: type[BaseException]
-    fragments: tuple[str, ...]
+    fragments: tuple[str, ...]  # what the message must contain; ``{tmp}`` stands for the test's folder
     # "exact": module tree, tensors and requires_grad unchanged. "base": the callback had injected its adapters
     # at setup before the error (Lightning restores checkpoints after setup); the base weights are unchanged
     # and the same module trains on once the mistake is fixed (see test_the_same_module_trains_after_a_failed_fit).
@@ -124,6 +124,44 @@ def config_dict_that_is_a_list(tmp, mp):
     return None, lambda: LoRAConfig.from_dict(["r", 8])
 
 
+@case(ValueError, "alpha=<int of 16,610 bits>", "positive finite number")
+def config_alpha_with_thousands_of_digits(tmp, mp):
+    """Python refuses to print an int of more than 4,300 digits: the message used to fail while being built."""
+    return None, lambda: LoRAConfig(alpha=10**5000)
+
+
+@case(ValueError, "init='pissa_niter_1000000000'", "pissa_niter_<k> (k <= 64)")
+def config_pissa_with_a_billion_iterations(tmp, mp):
+    """Used to pass, then run the randomised SVD that many times on every layer."""
+    return None, lambda: LoRAConfig(init="pissa_niter_1000000000")
+
+
+@case(ValueError, "rank_pattern: key '(a|aa)+$' repeats an alternation", "exponential time")
+def config_rank_pattern_that_backtracks(tmp, mp):
+    return None, lambda: LoRAConfig(rank_pattern={"(a|aa)+$": 2})
+
+
+@case(ValueError, "target_modules=", "q_proj' repeats a repetition (like (a+)+)")
+def config_target_regex_that_backtracks(tmp, mp):
+    return None, lambda: LoRAConfig(target_modules=r"(.*\.)*q_proj")
+
+
+@case(ValueError, "alpha_pattern: key '(q)", "uses a backreference")
+def config_alpha_pattern_with_a_backreference(tmp, mp):
+    return None, lambda: LoRAConfig(alpha_pattern={r"(q)\1": 4})
+
+
+@case(ValueError, "rank_pattern: key '.*a.*b.*c.*d' has 4 variable-length repetitions; at most 3")
+def config_rank_pattern_with_four_wildcards(tmp, mp):
+    """Polynomial, not exponential, but n^5 on a long module name is still minutes."""
+    return None, lambda: LoRAConfig(rank_pattern={".*a.*b.*c.*d": 2})
+
+
+@case(ValueError, "rank_pattern has 5,000 entries; at most 4,096")
+def config_rank_pattern_with_too_many_entries(tmp, mp):
+    return None, lambda: LoRAConfig(rank_pattern={f"layer{i}": 2 for i in range(5000)})
+
+
 # ----------------------------------------------------------------------------------------------- inject_lora
 
 
@@ -173,10 +211,43 @@ def inject_all_linear_into_a_model_of_embeddings_and_convs(tmp, mp):
     return model, lambda: inject_lora(model, LoRAConfig(r=2))
 
 
-@case(TargetError, "r=20 exceeds layer '0' (16 -> 32); use r <= 16 or exclude the layer")
-def inject_a_rank_larger_than_one_layer(tmp, mp):
+@case(TargetError, "the adapters need 448.0 TB on cpu", "'2' r=1000000000000 (256.0 TB)", "lower r (or rank_pattern)")
+def inject_a_rank_that_cannot_be_allocated(tmp, mp):
+    """A rank above a layer's side only warns, as in PEFT; one whose adapters do not fit in memory is refused."""
     model = make_mlp()
-    return model, lambda: inject_lora(model, LoRAConfig(r=20))
+    return model, lambda: inject_lora(model, LoRAConfig(r=10**12))
+
+
+@case(TargetError, "the adapters need 80.0 TB on cpu", "'emb' r=1000000000000 (80.0 TB)")
+def inject_a_huge_pattern_rank_on_an_embedding(tmp, mp):
+    """Used to wrap the linear layer, then fail in the allocator on the embedding: a half-changed model."""
+    model = nn.Sequential()
+    model.add_module("head", nn.Linear(4, 4))
+    model.add_module("emb", nn.Embedding(10, 10))
+    config = LoRAConfig(r=2, target_modules=["head", "emb"], rank_pattern={"emb": 10**12})
+    return model, lambda: inject_lora(model, config)
+
+
+@case(TargetError, "'conv' r=1000000000000", "TB on cpu")
+def inject_a_huge_pattern_rank_on_a_conv(tmp, mp):
+    model = nn.Sequential()
+    model.add_module("head", nn.Linear(4, 4))
+    model.add_module("conv", nn.Conv2d(3, 8, 3))
+    config = LoRAConfig(r=2, target_modules=["head", "conv"], rank_pattern={"conv": 10**12})
+    return model, lambda: inject_lora(model, config)
+
+
+@case(TargetError, "layer 'emb': an adapter with r=4611686018427387904 cannot be built")
+def inject_a_rank_no_tensor_can_hold(tmp, mp):
+    model = nn.Sequential()
+    model.add_module("emb", nn.Embedding(10, 4))
+    return model, lambda: inject_lora(model, LoRAConfig(r=2**62, target_modules=["emb"]))
+
+
+@case(TargetError, "layer '0': init='pissa' takes the top r=20 singular directions of a 16 -> 32 weight")
+def inject_pissa_with_a_rank_above_the_layer(tmp, mp):
+    model = make_mlp()
+    return model, lambda: inject_lora(model, LoRAConfig(r=20, init="pissa"))
 
 
 @case(TargetError, "leaves no layer to adapt", "modules_to_save=['0'] holds ['0']", "trained in full instead")
@@ -247,7 +318,7 @@ def load_config_use_rslora_is_a_string(tmp, mp):
 @case(
     AdapterFormatError,
     "{tmp}/adapter/adapter_config.json",
-    "init_lora_weights='loftq': must be one of kaiming, gaussian, pissa, pissa_niter_<k>, olora",
+    "init_lora_weights='loftq': must be one of kaiming, gaussian, pissa, pissa_niter_<k> (k <= 64), olora",
 )
 def load_config_init_we_do_not_implement(tmp, mp):
     """The file's init is checked by LoRAConfig's own rule (one list of inits), and named by PEFT's key."""
@@ -338,17 +409,51 @@ def load_a_module_both_adapted_and_saved(tmp, mp):
     return load_into_mlp(tmp, overlap)
 
 
-@case(AdapterFormatError, "'{tmp}/adapter' cannot be injected", "r=4 exceeds layer '0' (2 -> 2)")
-def load_a_rank_larger_than_the_layer(tmp, mp):
-    """A valid PEFT file (PEFT allows r > min(in, out)) that inject_lora refuses: used to raise TargetError
-    without naming the file."""
-    path = tmp / "adapter"
-    path.mkdir()
-    (path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
-    tensors = {f"{PREFIX}0.lora_A.weight": torch.ones(4, 2), f"{PREFIX}0.lora_B.weight": torch.ones(2, 4)}
-    save_file(tensors, path / WEIGHTS_NAME)
-    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    return model, lambda: load_adapter(model, path)
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "rank_pattern: key '(a|aa)+$' repeats an alternation")
+def load_a_backtracking_pattern_and_a_bogus_module_name(tmp, mp):
+    """Used to run the pattern against the bogus name from the tensor file, for minutes."""
+
+    def hostile(path: Path) -> None:
+        edit_config(path, rank_pattern={"(a|aa)+$": 2})
+        bogus = f"{PREFIX}{'a' * 60}!"
+        edit_tensors(
+            path,
+            lambda t: {**t, f"{bogus}.lora_A.weight": torch.ones(2, 2), f"{bogus}.lora_B.weight": torch.ones(2, 2)},
+        )
+
+    return load_into_mlp(tmp, hostile)
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "init_lora_weights='pissa_niter_1000000000'")
+def load_config_pissa_with_a_billion_iterations(tmp, mp):
+    return load_into_mlp(tmp, lambda p: edit_config(p, init_lora_weights="pissa_niter_1000000000"))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "is not valid JSON", "4300")
+def load_config_with_an_int_of_thousands_of_digits(tmp, mp):
+    """Python's JSON reader refuses ints of more than 4,300 digits with a ValueError that named no file."""
+    return load_into_mlp(
+        tmp,
+        lambda p: (p / CONFIG_NAME).write_text((p / CONFIG_NAME).read_text().replace('"r": 4', '"r": 4' + "0" * 5000)),
+    )
+
+
+@case(AdapterFormatError, "cannot read '{tmp}/adapter/adapter_config.json'", "larger than 16,777,216 bytes")
+def load_config_of_seventeen_megabytes(tmp, mp):
+    return load_into_mlp(tmp, lambda p: (p / CONFIG_NAME).write_text(" " * 17_000_000 + "{}"))
+
+
+@case(AdapterFormatError, "'{tmp}/adapter' lacks ['adapter_model.safetensors']")
+def load_weights_that_are_a_fifo(tmp, mp):
+    """A FIFO is not read (reading one blocks until someone writes to it)."""
+    return load_into_mlp(tmp, lambda p: ((p / WEIGHTS_NAME).unlink(), os.mkfifo(p / WEIGHTS_NAME)))
+
+
+@case(AdapterFormatError, "load_adapter(adapter_name=None): must be a non-empty name without dots")
+def load_under_adapter_name_none(tmp, mp):
+    path = saved_adapter(tmp)
+    model = adapted_mlp()
+    return model, lambda: load_adapter(model, path, adapter_name=None)
 
 
 # ---------------------------------------------------------------------------------------------- save_adapter
@@ -386,16 +491,17 @@ def save_into_a_read_only_folder(tmp, mp):
     return model, lambda: save_adapter(model, locked / "adapter")
 
 
-@case(OSError, "save_adapter: cannot write '{tmp}/adapter'", "No space left on device", "choose a writable folder")
-def save_on_a_full_disk(tmp, mp):
-    saved_adapter(tmp)
-
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    mp.setattr(lora_io, "save_file", disk_full)
+@case(TypeError, "save_adapter(base_model_name_or_path=42): must be a str", "got int")
+def save_with_a_base_model_name_that_is_a_number(tmp, mp):
+    """A Path is taken (as its text); anything else used to fail in json.dumps, naming no argument."""
     model = lora_mlp()
-    return model, lambda: save_adapter(model, tmp / "adapter", overwrite=True)
+    return model, lambda: save_adapter(model, tmp / "adapter", base_model_name_or_path=42)
+
+
+@case(AdapterFormatError, "save_adapter(adapter_name=5): must be None (the active adapter) or a non-empty name")
+def save_with_an_adapter_name_that_is_a_number(tmp, mp):
+    model = lora_mlp()
+    return model, lambda: save_adapter(model, tmp / "adapter", adapter_name=5)
 
 
 # ------------------------------------------------------------------------------------------- the callback
@@ -528,6 +634,55 @@ def resume_from_an_adapter_folder(tmp, mp):
     return module, fit(module, tmp, ckpt_path=tmp / "adapter")
 
 
+@case(OSError, "checkpoint '{tmp}/pipe.ckpt' is a FIFO", model_check="base")
+def resume_from_a_fifo(tmp, mp):
+    """Used to block forever, waiting for a writer."""
+    os.mkfifo(tmp / "pipe.ckpt")
+    module = MLPModule()
+    return module, fit(module, tmp, ckpt_path=tmp / "pipe.ckpt")
+
+
+def edited_checkpoint(tmp: Path, edit: Callable[[dict], Any]) -> Path:
+    written_checkpoint(tmp)
+    checkpoint = torch.load(tmp / "good.ckpt", weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, tmp / "edited.ckpt")
+    return tmp / "edited.ckpt"
+
+
+@case(ValueError, "the checkpoint's 'lora_config' cannot be read by this version", "'use_qalora'", model_check="base")
+def resume_a_checkpoint_whose_config_has_a_newer_field(tmp, mp):
+    path = edited_checkpoint(tmp, lambda c: c["lora_config"].update(use_qalora=True))
+    module = MLPModule()
+    return module, fit(module, tmp, ckpt_path=path)
+
+
+@case(ValueError, "the checkpoint's 'lora_adapters' gives adapter 'default' fields ['use_qalora']", model_check="base")
+def resume_a_checkpoint_whose_adapters_have_a_newer_field(tmp, mp):
+    path = edited_checkpoint(tmp, lambda c: c["lora_adapters"]["default"]["net.0"].update(use_qalora=True))
+    module = MLPModule()
+    return module, fit(module, tmp, ckpt_path=path)
+
+
+@case(
+    ValueError,
+    "adapter 'default' was trained with other hyperparameters on 2 layer(s)",
+    "alpha=8",
+    "alpha=16",
+    model_check="base",
+)
+def resume_with_another_alpha_and_no_config(tmp, mp):
+    """A checkpoint of LoRAFinetuneCallback(None) used to carry no config: another alpha trained on silently."""
+    first = MLPModule()
+    inject_lora(first.net, LoRAConfig(r=4, alpha=8))
+    trainer = make_trainer(tmp / "first", max_steps=2, callbacks=[LoRAFinetuneCallback(None)])
+    trainer.fit(first, classification_data())
+    trainer.save_checkpoint(tmp / "none.ckpt")
+    module = MLPModule()
+    inject_lora(module.net, LoRAConfig(r=4, alpha=16))
+    return module, fit(module, tmp, config=None, ckpt_path=tmp / "none.ckpt")
+
+
 # -------------------------------------------------------------------------------------------------- harness
 
 
@@ -552,7 +707,7 @@ def test_bad_input_gives_one_clear_error_and_changes_nothing(name, tmp_path, mon
     base_before = base_tensors(model) if model is not None else None
     files_before = tree(tmp_path)
 
-    with pytest.raises(bad.error) as err:
+    with pytest.raises(bad.error) as err, time_limit(60):
         act()
 
     message = f"{err.value}\n{err.value.__cause__ or ''}"  # Hydra puts the detail into the cause

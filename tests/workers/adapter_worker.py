@@ -1,4 +1,4 @@
-"""Subprocess side of the adapter-save crash test in tests/test_reliability_crash.py: saves an adapter and can
+"""Subprocess side of the adapter-save crash test in tests/lib/test_reliability_crash.py: saves an adapter and can
 stop itself mid-save ("PAUSED <path>" on stdout, then sleeps) so that the test kills it with SIGKILL there.
 
     python -m tests.workers.adapter_worker save PATH SEED [--pause mid-write|before-swap]
@@ -8,20 +8,13 @@ stop itself mid-save ("PAUSED <path>" on stdout, then sleeps) so that the test k
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
-import sys
-import time
-import types
 from pathlib import Path
 
-if __name__ == "__main__" and "lora_lightning" not in sys.modules:
-    # Saving needs only torch. Register the bare package so that its submodules import without running
-    # lora_lightning/__init__.py, which imports Lightning (~6 s of a 2-core machine per process). The modules
-    # under test (lora_lightning.io, lora_lightning.files and what they import) are the very same files.
-    package = types.ModuleType("lora_lightning")
-    package.__path__ = list(importlib.util.find_spec("lora_lightning").submodule_search_locations)
-    sys.modules["lora_lightning"] = package
+from tests.workers.common import pause, without_lightning
+
+if __name__ == "__main__":
+    without_lightning()
 
 import torch
 from torch import nn
@@ -31,13 +24,7 @@ import lora_lightning.io as lora_io
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import inject_lora
 from lora_lightning.params import lora_layers
-
-
-def pause(tag: str) -> None:
-    """Announce where we are and wait to be killed (the test sends SIGKILL as soon as it reads the line)."""
-    print(tag, flush=True)
-    time.sleep(600)
-    sys.exit("never killed")
+from lora_lightning.peft_format import WEIGHTS_NAME
 
 
 def adapted_mlp(seed: int) -> nn.Sequential:
@@ -55,15 +42,15 @@ def adapted_mlp(seed: int) -> nn.Sequential:
 
 def save(path: Path, seed: int, where: str | None) -> None:
     if where == "mid-write":  # the tensors file is half on disk when the process dies
-        real_save_file = lora_io.save_file
+        real_write_bytes = Path.write_bytes
 
-        def half_written(tensors, file, metadata=None):
-            real_save_file(tensors, file, metadata=metadata)
-            data = Path(file).read_bytes()
-            Path(file).write_bytes(data[: len(data) // 2])
+        def half_written(file: Path, data: bytes) -> int:
+            if file.name != WEIGHTS_NAME:
+                return real_write_bytes(file, data)
+            real_write_bytes(file, data[: len(data) // 2])
             pause(f"PAUSED {file}")
 
-        lora_io.save_file = half_written
+        Path.write_bytes = half_written
     elif where == "before-swap":  # the new folder is complete and synced but not yet in place
         real_rename = lora_files.os.rename
         lora_files._exchange = lambda staging, target: pause(f"PAUSED {staging}")

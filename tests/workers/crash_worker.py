@@ -1,4 +1,4 @@
-"""Subprocess side of the training crash tests in tests/test_reliability_crash.py: trains, and can stop itself
+"""Subprocess side of the training crash tests in tests/lib/test_reliability_crash.py: trains, and can stop itself
 at a chosen point ("PAUSED"/"BLOCKED" on stdout, then sleeps) so that the test kills it with SIGKILL there.
 
     python -m tests.workers.crash_worker ROOT [--resume] [--block-at STEP] [--pause-save N] [--forget-position]
@@ -14,8 +14,6 @@ import argparse
 import io
 import itertools
 import os
-import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -27,18 +25,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lora_lightning import LoRAConfig, LoRAFinetuneCallback, save_adapter
+from tests.workers.common import pause
 
 BATCHES_PER_EPOCH = 8
 EPOCHS = 3
 EVERY = 2  # checkpoint every 2 optimizer steps: most checkpoints are mid-epoch
 CONFIG = LoRAConfig(r=4, alpha=8, dropout=0.1, modules_to_save=["net.4"])
-
-
-def pause(tag: str) -> None:
-    """Announce where we are and wait to be killed (the test sends SIGKILL as soon as it reads the line)."""
-    print(tag, flush=True)
-    time.sleep(600)
-    sys.exit("never killed")
 
 
 # ------------------------------------------------------------------------------------------------ training

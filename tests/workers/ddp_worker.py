@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py in a fresh process: a LoRA fine-tune under DDP with 2 CPU (gloo) processes.
+"""Run by tests/lib/test_ddp.py in a fresh process: a LoRA fine-tune under DDP with 2 CPU (gloo) processes.
 
 Lightning's DDP launcher re-runs this script for rank 1; each rank writes what it saw to <out>/rank<k>.json.
 Usage: python -m tests.workers.ddp_worker <out dir> <epochs> [<ckpt to resume>]
@@ -26,13 +26,16 @@ def main() -> None:
         callbacks=[LoRAFinetuneCallback(LoRAConfig(r=4, alpha=8, modules_to_save=["net.4"])), checkpoints],
     )  # fmt: skip
     trainer.fit(module, classification_data(), ckpt_path=ckpt)
-    state = module.state_dict()
-    frozen_moved = [k for k in base if k in state and not torch.equal(state[k], base[k]) and not k.startswith("net.4")]
+    # the base's tensors under their names before injection (LoRA moves them under ".base_layer"); net.4 trains
+    state = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items()}
+    frozen = [k for k in base if not k.startswith("net.4.")]
+    frozen_moved = [k for k in frozen if not torch.equal(state[k], base[k])]
     grads = {n: p.grad is not None for n, p in module.named_parameters()}
     record = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "adapter_sum": {k: v.double().sum().item() for k, v in adapter_state_dict(module).items()},
+        "frozen_checked": frozen,
         "frozen_moved": frozen_moved,
         "params_with_grad": sorted(n for n, has in grads.items() if has),
         "losses": module.losses,

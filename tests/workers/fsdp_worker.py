@@ -1,4 +1,4 @@
-"""Run by tests/test_fsdp.py in a fresh process: a LoRA fine-tune of a tiny Llama on 2 devices.
+"""Run by tests/lib/test_fsdp.py in a fresh process: a LoRA fine-tune of a tiny Llama on 2 devices.
 
 Modes: ``fsdp`` (Lightning's FSDPStrategy, FSDP1 with ``use_orig_params``, one unit per decoder layer),
 ``fsdp_ac`` (the same with activation checkpointing of every decoder layer), ``fsdp2`` (ModelParallelStrategy:
