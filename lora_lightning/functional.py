@@ -216,7 +216,7 @@ def _shared_backward(
     grads_a: list[torch.Tensor | None] = [None] * len(layers)
     if any(needs[1::2]):
         stacked = torch.mm(gh.t(), dropped).split(_ranks(layers))
-        grads_a = [g if n else None for g, n in zip(stacked, needs[1::2], strict=True)]
+        grads_a = [ga if n and g is not None else None for ga, g, n in zip(stacked, grads, needs[1::2], strict=True)]
     if needs[0]:
         grad_x = _add_input_grad(grad_x if grad_x is not None else torch.zeros_like(flat), gh, a_cat, keep, dropout)
     return grad_x, grads_a, grads_b

@@ -110,7 +110,11 @@ def fused_paths_installed(model: nn.Module) -> bool:
 
 
 class SharedInputGroup:
-    """Sibling layers of one parent, candidates for sharing their input; see the module docstring."""
+    """Sibling layers of one parent, candidates for sharing their input; see the module docstring.
+
+    What a forward saw (the sets of siblings that got one tensor, or a sibling that got another tensor later)
+    takes effect at the start of the next forward that is not a recomputation inside backward, so that activation
+    checkpointing recomputes a block exactly as its forward ran."""
 
     def __init__(self, parent_name: str, parent: nn.Module, members: dict[str, LoRALinear]) -> None:
         self.parent_name = parent_name or "the model"
@@ -118,6 +122,8 @@ class SharedInputGroup:
         self.sets: dict[LoRALinear, tuple[LoRALinear, ...]] | None = None  # None until a forward was seen
         self.first_forward: _FirstForwardLog | None = None
         self._seen: dict[LoRALinear, torch.Tensor | None] = {}
+        self._settled: dict[LoRALinear, tuple[LoRALinear, ...]] | None = None  # seen, in effect from the next forward
+        self._turning_off: dict[tuple[LoRALinear, ...], str] = {}
         self._pending: dict[tuple[LoRALinear, ...], tuple[torch.Tensor, int, dict[LoRALinear, torch.Tensor]]] = {}
         self._handles = [
             parent.register_forward_pre_hook(self._begin),
@@ -129,22 +135,22 @@ class SharedInputGroup:
 
     def run(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s output on ``x`` from the shared node, or ``None`` for its own path."""
-        if self.sets is None:  # the first forward: watch who gets which tensor
-            self._seen[layer] = x if layer not in self._seen else None  # called twice: never shares
+        if self.sets is None:
+            if self._settled is None:  # the first forward: watch who gets which tensor
+                self._seen[layer] = x if layer not in self._seen else None  # called twice: never shares
             return None
         siblings = self.sets.get(layer)
         if siblings is None:
             return None
-        pending = self._pending.get(siblings)
+        pending = self._pending.pop(siblings, None)
         if pending is not None:
             source, version, outputs = pending
             if source is x and version == x._version and layer in outputs:
                 out = outputs.pop(layer)
-                if not outputs:
-                    del self._pending[siblings]
+                if outputs:
+                    self._pending[siblings] = pending
                 return out
-            self._turn_off(siblings, f"{self.names[layer]} got another tensor than its siblings")
-            return None
+            self._turning_off[siblings] = f"{self.names[layer]} got another tensor than its siblings"
         operands = [sibling.fused_operands(x) for sibling in siblings]
         if any(o is None for o in operands) or len({o.dropout for o in operands}) > 1:
             return None
@@ -160,15 +166,27 @@ class SharedInputGroup:
             layer.input_group = None
 
     def _begin(self, module: nn.Module, args: Any) -> None:
-        if not torch.compiler.is_compiling():
-            self._pending.clear()
-            self._seen.clear()
+        if torch.compiler.is_compiling():
+            return
+        self._pending.clear()
+        if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward: as its forward ran
+            return
+        if self.sets is None and self._settled is not None:
+            self.sets, self._settled = self._settled, None
+        for siblings, reason in self._turning_off.items():
+            for layer in siblings:
+                self.sets.pop(layer, None)
+            names = "+".join(self.names[layer] for layer in siblings)
+            rank_zero_info(
+                f"LoRA fused paths: {names} of {self.parent_name} run their own nodes from now on ({reason})"
+            )
+        self._turning_off.clear()
 
     def _end(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
             return
         self._pending.clear()
-        if self.sets is None and self._seen:
+        if self.sets is None and self._settled is None and self._seen:
             self._settle()
 
     def _settle(self) -> None:
@@ -181,18 +199,11 @@ class SharedInputGroup:
             else:
                 match.append(layer)
         self._seen.clear()
-        self.sets = {layer: tuple(c) for c in classes if len(c) > 1 for layer in c}
+        self._settled = {layer: tuple(c) for c in classes if len(c) > 1 for layer in c}
         if self.first_forward is not None:
             shared = ["+".join(self.names[layer] for layer in c) for c in classes if len(c) > 1]
             alone = [f"{self.parent_name}.{self.names[c[0]]}" for c in classes if len(c) == 1]
             self.first_forward.settled(shared, alone)
-
-    def _turn_off(self, siblings: tuple[LoRALinear, ...], reason: str) -> None:
-        self._pending.pop(siblings, None)
-        for layer in siblings:
-            self.sets.pop(layer, None)
-        names = "+".join(self.names[layer] for layer in siblings)
-        rank_zero_info(f"LoRA fused paths: {names} of {self.parent_name} run their own nodes from now on ({reason})")
 
 
 class _FirstForwardLog:
@@ -273,9 +284,6 @@ class _GatedMLP:
         elementwise = self.elementwise if x.device.type == "cuda" else "torch"
         return lora_gated_mlp(x, self.act, *operands, elementwise=elementwise)
 
-    def original(self, module: nn.Module) -> Any:
-        return self.previous if self.previous is not None else types.MethodType(type(module).forward, module)
-
     def remove(self, module: nn.Module) -> None:
         current = module.__dict__.get("forward")
         if getattr(current, "__func__", None) is not _gated_mlp_forward:
@@ -289,26 +297,31 @@ class _GatedMLP:
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     mlp = self.__dict__[_INSTALLED].mlp
     out = None if args or kwargs else mlp.run(self, x)
-    return mlp.original(self)(x, *args, **kwargs) if out is None else out
+    if out is not None:
+        return out
+    if mlp.previous is not None:
+        return mlp.previous(x, *args, **kwargs)
+    return type(self).forward(self, x, *args, **kwargs)
 
 
 def _gated_mlp(
     module: nn.Module, adapted: dict[str, LoRALinear]
 ) -> tuple[tuple[str, str, str], tuple[LoRALinear, ...], nn.Module] | str | None:
     """``((gate, up, down) child names, their layers, act)`` if ``module`` is a gated MLP; a reason if it has the
-    parts of one (three adapted children, one parameterless leaf child, a forward mapping a tensor to one of its
-    shape) but not the wiring or bases; ``None`` if it is no candidate."""
+    parts of one (three adapted children with plain bases, one parameterless leaf child, a forward mapping a tensor
+    to one of the same shape) but not the wiring; ``None`` if it is no candidate."""
     others = [c for n, c in module.named_children() if n not in adapted]
     acts = [c for c in others if next(c.parameters(), None) is None and next(c.children(), None) is None]
     if len(adapted) != 3 or len(acts) != 1:
         return None
     if any(p.device.type == "meta" or type(p.detach()) is not torch.Tensor for p in module.parameters()):
         return "parameters on the meta device or sharded: its structure cannot be probed"
+    if any(_why_not_linear(layer) for layer in adapted.values()):
+        return None  # each layer is reported with its own reason
     results = {order: _probe(module, adapted, order, acts[0]) for order in itertools.permutations(adapted)}
     matches = [order for order, result in results.items() if result is True]
     if len(matches) == 1:
-        reason = next((_why_not_linear(adapted[n]) for n in matches[0] if _why_not_linear(adapted[n])), None)
-        return reason or (matches[0], tuple(adapted[n] for n in matches[0]), acts[0])
+        return matches[0], tuple(adapted[n] for n in matches[0]), acts[0]
     if matches or any(result is False for result in results.values()):
         return "its forward is not down(act(gate(x)) * up(x))"
     return None
@@ -380,5 +393,8 @@ def _summary(names: list[str]) -> str:
     """``names`` compressed: ``model.layers.*.mlp x16`` for names that differ only in numbers."""
     if not names:
         return "none"
-    patterns = Counter(".".join("*" if part.isdigit() else part for part in n.split(".")) for n in names)
-    return ", ".join(f"{p} x{count}" if count > 1 else p for p, count in patterns.items())
+    by_pattern: dict[str, list[str]] = {}
+    for name in names:
+        by_pattern.setdefault(".".join("*" if part.isdigit() else part for part in name.split(".")), []).append(name)
+    shown = [f"{p} x{len(group)}" if len(group) > 1 else group[0] or "the model" for p, group in by_pattern.items()]
+    return ", ".join(shown)
