@@ -286,20 +286,28 @@ def _gate(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: t
     return act(gate) * up
 
 
-def _gate_backward(
-    act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, how: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gG, gU)`` for ``act(G) * U`` given its gradient ``grad``. Liger's kernel writes them over ``G`` and ``U``."""
-    if how == "liger":
-        from liger_kernel.ops.swiglu import swiglu_backward
+class _GateRecomputed:
+    """``act(G) * U`` recomputed in backward, with what its gradient needs (``act`` runs once)."""
 
-        return swiglu_backward(gate, up, grad)
-    with torch.enable_grad():
-        leaf = gate.detach().requires_grad_(True)
-        activated = act(leaf)
-    grad_up = grad * activated.detach()
-    (grad_gate,) = torch.autograd.grad(activated, leaf, grad * up)
-    return grad_gate, grad_up
+    def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, how: str):
+        self.act, self.gate, self.up, self.how = act, gate, up, how
+        if how == "liger":
+            self.product = _gate(act, gate, up, how)
+            return
+        with torch.enable_grad():
+            self.leaf = gate.detach().requires_grad_(True)
+            self.activated = act(self.leaf)
+        self.product = self.activated.detach() * up
+
+    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gG, gU)`` given the gradient of the product. Liger's kernel writes them over ``G`` and ``U``."""
+        if self.how == "liger":
+            from liger_kernel.ops.swiglu import swiglu_backward
+
+            return swiglu_backward(self.gate, self.up, grad)
+        grad_up = grad * self.activated.detach()
+        (grad_gate,) = torch.autograd.grad(self.activated, self.leaf, grad * self.up)
+        return grad_gate, grad_up
 
 
 class _GatedMLPFunction(torch.autograd.Function):
@@ -333,13 +341,14 @@ class _GatedMLPFunction(torch.autograd.Function):
         g = _rows(grad_out)
         grad_b_d = torch.mm(g.t(), h_d).mul_(s_d) if needs[16] else None
         gh_d = torch.mm(g, lora_b_d).mul_(s_d)
-        product, keep = _replay(ctx, "rng_p", _gate(ctx.act, gate, up, ctx.elementwise), p_d)
+        gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
+        product, keep = _replay(ctx, "rng_p", gated.product, p_d)
         grad_a_d = torch.mm(gh_d.t(), product) if needs[15] else None
-        del product
+        del product, gated.product
         grad_product = _add_input_grad(torch.mm(g, w_d), gh_d, a_d, keep, p_d)
         del keep
-        grad_gate, grad_up = _gate_backward(ctx.act, gate, up, grad_product, ctx.elementwise)
-        del grad_product
+        grad_gate, grad_up = gated.backward(grad_product)
+        del grad_product, gated
         layers = _restored(saved, a_gu, ctx.ranks)
         grads = (grad_gate, grad_up)
         needs_gu = _needs(needs, 5, 2)

@@ -399,7 +399,7 @@ class LoRALinear(LoRALayer):
             and type(base) is nn.Linear
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
-            and type(base.weight.detach()) is torch.Tensor
+            and type(base.weight) in (nn.Parameter, torch.Tensor)  # not a DTensor or another subclass
             and x.dtype == base.weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
             and x.device.type in ("cpu", "cuda")
