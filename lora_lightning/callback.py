@@ -24,7 +24,7 @@ from lora_lightning.checkpoint_io import (
 from lora_lightning.config import LoRAConfig, _is_positive_finite, is_adapter_name
 from lora_lightning.fused import install_fused_paths, remove_fused_paths
 from lora_lightning.inject import find_targets, prepare_adapter
-from lora_lightning.kernels import apply_kernels, check_kernels
+from lora_lightning.kernels import KERNELS, apply_kernels, check_kernels
 from lora_lightning.modules import shadow_method
 from lora_lightning.optim import build_optimizer, keep_only_trainable_params
 from lora_lightning.params import adapter_names, param_summary
@@ -97,7 +97,7 @@ class LoRAFinetuneCallback(Callback):
                     f"LoRAFinetuneCallback({name}=...) must be a factory called with {called_with}, got "
                     f"{type(factory).__name__}; e.g. functools.partial({example}) or a Hydra _partial_ node"
                 )
-        if kernels not in ("none", "liger"):
+        if kernels not in KERNELS:
             raise ValueError(f"LoRAFinetuneCallback(kernels={kernels!r}) must be 'none' (default) or 'liger'")
         self.config = config
         self.optimizer = optimizer
@@ -110,7 +110,7 @@ class LoRAFinetuneCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_unsupported(trainer, self)
-        check_kernels(self.kernels, "LoRAFinetuneCallback(kernels=...)")
+        check_kernels(self.kernels)
         install_safe_checkpoint_io(trainer)
         if is_overridden("configure_model", pl_module):
             self._patch(pl_module, "configure_model", self._prepare_after)

@@ -64,6 +64,9 @@ def install_fused_paths(model: nn.Module, kernels: str = "none") -> FusionReport
     """Install the fused paths on ``model``'s adapted layers where their structure fits (a second call starts
     over), log one info line of what was and was not fused and return it. ``kernels="liger"`` runs a gated MLP's
     ``act(gate) * up`` through Liger-Kernel's fused SiLU kernels (SiLU activations on CUDA)."""
+    from lora_lightning.kernels import check_kernels  # kernels imports this module
+
+    check_kernels(kernels)
     remove_fused_paths(model)
     gated, parents, not_fused, groups = [], [], {}, []
     for name, module in model.named_modules():
@@ -145,7 +148,7 @@ class SharedInputGroup:
         pending = self._pending.pop(siblings, None)
         if pending is not None:
             source, version, outputs = pending
-            if source is x and version == x._version and layer in outputs:
+            if source is x and version == _version(x) and layer in outputs:
                 out = outputs.pop(layer)
                 if outputs:
                     self._pending[siblings] = pending
@@ -156,7 +159,7 @@ class SharedInputGroup:
             return None
         outputs = dict(zip(siblings, lora_shared_input(x, operands), strict=True))
         out = outputs.pop(layer)
-        self._pending[siblings] = (x, x._version, outputs)
+        self._pending[siblings] = (x, _version(x), outputs)
         return out
 
     def remove(self) -> None:
@@ -224,6 +227,11 @@ class _FirstForwardLog:
                 f"LoRA fused paths, seen in the first forward: one shared-input node each for {together}; own node "
                 f"(another tensor than their siblings): {_summary(self.alone)}"
             )
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """``x``'s in-place version counter (``None`` for an inference-mode tensor, which has none)."""
+    return None if x.is_inference() else x._version
 
 
 def _by_input_width(adapted: dict[str, LoRALinear]) -> dict[int, dict[str, LoRALinear]]:

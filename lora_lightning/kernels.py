@@ -39,16 +39,16 @@ class KernelReport:
         return f"kernels={self.kernels!r} patched {models}"
 
 
-def check_kernels(kernels: str, argument: str = "kernels") -> None:
+def check_kernels(kernels: str) -> None:
     """Raise if ``kernels`` is not a `KERNELS` name (``ValueError``) or its package is missing (``ImportError``,
     with the pip line to run)."""
     if kernels not in KERNELS:
-        raise ValueError(f"{argument}={kernels!r} is not one of {list(KERNELS)}; 'none' (default) or 'liger'")
+        raise ValueError(f"kernels={kernels!r} is not one of {list(KERNELS)}; 'none' (default) or 'liger'")
     if kernels == "liger":
         try:
             import liger_kernel.transformers  # noqa: F401
         except ImportError as err:
-            raise ImportError(f"{argument}='liger' needs Liger-Kernel (Triton, CUDA): {INSTALL_HINT}") from err
+            raise ImportError(f"kernels='liger' needs Liger-Kernel (Triton, CUDA): {INSTALL_HINT}") from err
 
 
 def apply_kernels(model: nn.Module, kernels: str = "liger", adapting: Collection[str] = ()) -> KernelReport:

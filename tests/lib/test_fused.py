@@ -249,6 +249,19 @@ def test_dora_and_gpt2_conv1d_layers_keep_their_own_path():
     assert set(install_fused_paths(gpt2).not_fused.values()) == {"Conv1D base"}
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_evaluation_without_autograd_runs_the_fused_paths(mode):
+    model = adapted_llama()
+    reference = copy.deepcopy(model)
+    install_fused_paths(model)
+    model.eval()
+    reference.eval()
+    with mode():
+        for _ in range(2):  # the second forward runs the shared-input node
+            torch.testing.assert_close(model(input_ids=TOKENS).logits, reference(input_ids=TOKENS).logits)
+    assert model.model.layers[0].self_attn.q_proj.input_group.sets
+
+
 def test_autocast_falls_back_to_the_module_path():
     model = adapted_llama()
     reference = copy.deepcopy(model)
