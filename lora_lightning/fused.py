@@ -56,7 +56,7 @@ class FusionReport:
         return (
             f"LoRA fused paths: gated MLP node on {_summary(self.gated_mlps)}; shared-input node for the children "
             f"that get the same tensor (seen in the first forward) of {_summary(self.shared_input_parents)}. "
-            f"Not fused: {not_fused}"
+            f"Not fused: {not_fused}. Under torch.compile and autocast every layer runs its modules"
         )
 
 
