@@ -8,15 +8,18 @@ time, which is reported apart).
 
 Rows (``--list`` prints every name; ``--configs`` takes names or shell-style patterns such as ``'ours:*'``):
 
-    <impl>:<mode>[:gc][:drop0.05]
+    <impl>:<mode>[:gc][:drop0.05][:liger]
     impl  frozen     base frozen, input-embedding output requires grad: backward runs through every layer (the floor)
-          ours       lora_lightning.inject_lora (adapters in the base dtype)
+          ours       lora_lightning.inject_lora + install_fused_paths (adapters in the base dtype), as the callback
+          ours-layer lora_lightning.inject_lora alone: every adapted layer its own node (the path before fusion)
           peft       peft.get_peft_model with its defaults (adapters autocast to fp32)
           peft-bf16  peft.get_peft_model(..., autocast_adapter_dtype=False) (adapters in the base dtype)
           full       full fine-tuning (AdamW states in the base dtype)
     mode  eager | compile (torch.compile of the whole model; the optimizer step stays eager)
     gc    activation checkpointing (non-reentrant) on every decoder layer
     drop  LoRA dropout 0.05 (LoRA rows only; default 0)
+    liger lora_lightning.apply_kernels(model, "liger") first (Liger-Kernel RMSNorm, SwiGLU, RoPE, fused linear
+          cross-entropy; eager rows of frozen, ours and peft); the floor of such a row is the Liger frozen base
 
 Each row runs in its own Python process by default (``--isolation process``) with its own empty
 TorchInductor/Triton cache folder, so compile caches and allocator peaks do not leak between rows.
@@ -92,7 +95,9 @@ def measure_row(row: RowSpec, settings: Settings) -> dict[str, Any]:
     # Import what the row uses before the memory baseline, so loading libraries is not counted as its memory.
     importlib.import_module("transformers.models.llama.modeling_llama")
     if row.is_lora:
-        importlib.import_module("lora_lightning" if row.impl == "ours" else "peft")
+        importlib.import_module("lora_lightning" if row.impl.startswith("ours") else "peft")
+    if row.kernels == "liger":
+        importlib.import_module("liger_kernel.transformers")
     sources = library_digest()  # the code this row measures, edited or not
     meter = MemoryMeter(device, own_process=settings.isolation == "process")
     model = settings.build_model(device)
@@ -232,6 +237,7 @@ def row_identity(row: RowSpec) -> dict[str, Any]:
         "mode": row.mode,
         "gradient_checkpointing": row.checkpointing,
         "lora_dropout": row.dropout if row.is_lora else None,
+        "kernels": row.kernels,
     }
 
 

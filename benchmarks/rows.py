@@ -14,31 +14,35 @@ from torch import nn
 
 from benchmarks.shapes import SHAPES, TARGET_MODULES, build_model
 
-IMPLS = ("frozen", "ours", "peft", "peft-bf16", "full")
-LORA_IMPLS = frozenset({"ours", "peft", "peft-bf16"})
+IMPLS = ("frozen", "ours", "ours-layer", "peft", "peft-bf16", "full")
+LORA_IMPLS = frozenset({"ours", "ours-layer", "peft", "peft-bf16"})
 MODES = ("eager", "compile")
+# Rows with Liger-Kernel applied to the model first (eager only): the Liger floor, ours and PEFT on top of it.
+KERNEL_IMPLS = ("frozen", "ours", "peft")
 LORA_DROPOUT = 0.05
 LEARNING_RATE = 1e-4
 
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One benchmark row: an implementation under one mode, checkpointing and dropout setting."""
+    """One benchmark row: an implementation under one mode, checkpointing, dropout and kernels setting."""
 
     impl: str
     mode: str
     checkpointing: bool = False
     dropout: float = 0.0
+    kernels: str = "none"
 
     @property
     def name(self) -> str:
         parts = [self.impl, self.mode] + (["gc"] if self.checkpointing else [])
-        return ":".join(parts + ([f"drop{self.dropout:g}"] if self.dropout else []))
+        parts += [f"drop{self.dropout:g}"] if self.dropout else []
+        return ":".join(parts + ([self.kernels] if self.kernels != "none" else []))
 
     @property
     def floor(self) -> RowSpec:
-        """The frozen-base row this row is compared with."""
-        return RowSpec("frozen", self.mode, self.checkpointing)
+        """The frozen-base row this row is compared with (with the same kernels)."""
+        return RowSpec("frozen", self.mode, self.checkpointing, kernels=self.kernels)
 
     @property
     def is_lora(self) -> bool:
@@ -46,13 +50,16 @@ class RowSpec:
 
 
 def all_rows() -> list[RowSpec]:
-    """Every row, in table order: by mode, then checkpointing, then implementation, then dropout."""
+    """Every row, in table order: by mode, then checkpointing, then implementation, then dropout; the Liger rows
+    (eager) last."""
     rows = []
     for mode in MODES:
         for checkpointing in (False, True):
             for impl in IMPLS:
                 for dropout in (0.0, LORA_DROPOUT) if impl in LORA_IMPLS else (0.0,):
                     rows.append(RowSpec(impl, mode, checkpointing, dropout))
+    for checkpointing in (False, True):
+        rows += [RowSpec(impl, "eager", checkpointing, kernels="liger") for impl in KERNEL_IMPLS]
     return rows
 
 
@@ -158,20 +165,27 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 def attach(row: RowSpec, model: nn.Module, settings: Settings) -> tuple[nn.Module, Callable[[Path], Path] | None]:
     """Set ``model`` up for ``row``; returns the module to train and a function saving its adapter to a
-    folder (returning the weights file), or None for rows without one."""
+    folder (returning the weights file), or None for rows without one. ``ours`` is what `LoRAFinetuneCallback` does
+    (kernels, injection, the fused paths); ``ours-layer`` leaves the fused paths out (every layer its own node)."""
+    if row.kernels != "none":
+        from lora_lightning import apply_kernels
+
+        apply_kernels(model, row.kernels)
     if row.impl == "frozen":
         model.requires_grad_(False)
         model.enable_input_require_grads()
         return model, None
     if row.impl == "full":
         return model, None
-    if row.impl == "ours":
-        from lora_lightning import LoRAConfig, inject_lora, save_adapter
+    if row.impl in ("ours", "ours-layer"):
+        from lora_lightning import LoRAConfig, inject_lora, install_fused_paths, save_adapter
 
         config = LoRAConfig(
             r=settings.r, alpha=settings.alpha, dropout=row.dropout, target_modules=list(TARGET_MODULES)
         )
         inject_lora(model, config)
+        if row.impl == "ours":
+            install_fused_paths(model, row.kernels)
         return model, lambda folder: save_adapter(model, folder) / "adapter_model.safetensors"
 
     from peft import LoraConfig, get_peft_model

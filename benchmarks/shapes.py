@@ -70,6 +70,21 @@ SHAPES: dict[str, Shape] = {
         batch_size=4,
         seq_len=2048,
     ),
+    # Llama-3.1-8B (untied embeddings), random init, one long sequence: the gradient-checkpointing rows and
+    # benchmarks.max_context.
+    "llama-8b": Shape(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        batch_size=1,
+        seq_len=4096,
+        tie_word_embeddings=False,
+        steps=5,
+        warmup=2,
+    ),
 }
 
 
@@ -77,13 +92,19 @@ def build_model(
     model: Mapping[str, Any], *, seq_len: int, dtype: str, device: torch.device, seed: int = 0
 ) -> nn.Module:
     """A ``LlamaForCausalLM`` with the ``model`` fields (`Shape.model`), random init from ``seed``, built on
-    ``device`` in ``dtype`` (a `DTYPES` key), sdpa attention, no KV cache, in training mode."""
+    ``device`` in ``dtype`` (a `DTYPES` key; initialised in it, so an 8B model never needs its fp32 copy), sdpa
+    attention, no KV cache, in training mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         **model, max_position_embeddings=max(seq_len, 2048), attn_implementation="sdpa", use_cache=False
     )
     torch.manual_seed(seed)
-    with device:
-        llama = LlamaForCausalLM(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[dtype])
+    try:
+        with device:
+            llama = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     return llama.to(DTYPES[dtype]).train()

@@ -5,9 +5,11 @@ from lora_lightning.callback import LoRAFinetuneCallback
 from lora_lightning.checkpoint_io import SafeCheckpointIO
 from lora_lightning.config import AdapterSpec, LoRAConfig
 from lora_lightning.export import model_card, save_merged, write_model_card
+from lora_lightning.fused import FusionReport, install_fused_paths, remove_fused_paths
 from lora_lightning.gguf_adapter import save_gguf_adapter
 from lora_lightning.inject import InjectionReport, TargetError, find_targets, inject_lora, merge_lora, unload_lora
 from lora_lightning.io import AdapterFormatError, load_adapter, save_adapter
+from lora_lightning.kernels import KernelReport, apply_kernels
 from lora_lightning.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
 from lora_lightning.params import (
     ParamSummary,
@@ -22,7 +24,9 @@ from lora_lightning.quantize import quantize_linears
 __all__ = [
     "AdapterFormatError",
     "AdapterSpec",
+    "FusionReport",
     "InjectionReport",
+    "KernelReport",
     "LoRAConfig",
     "LoRAConv",
     "LoRAEmbedding",
@@ -36,16 +40,19 @@ __all__ = [
     "adapter_names",
     "adapter_parameters",
     "adapter_state_dict",
+    "apply_kernels",
     "delete_adapter",
     "disable_adapters",
     "find_targets",
     "inject_lora",
+    "install_fused_paths",
     "load_adapter",
     "mark_only_adapters_trainable",
     "merge_lora",
     "model_card",
     "param_summary",
     "quantize_linears",
+    "remove_fused_paths",
     "save_adapter",
     "save_gguf_adapter",
     "save_merged",

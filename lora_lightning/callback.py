@@ -22,10 +22,12 @@ from lora_lightning.checkpoint_io import (
     make_checkpoints_adapter_only,
 )
 from lora_lightning.config import LoRAConfig, _is_positive_finite, is_adapter_name
-from lora_lightning.inject import prepare_adapter
+from lora_lightning.fused import install_fused_paths, remove_fused_paths
+from lora_lightning.inject import find_targets, prepare_adapter
+from lora_lightning.kernels import KERNELS, apply_kernels, check_kernels
 from lora_lightning.modules import shadow_method
 from lora_lightning.optim import build_optimizer, keep_only_trainable_params
-from lora_lightning.params import param_summary
+from lora_lightning.params import adapter_names, param_summary
 
 
 class LoRAFinetuneCallback(Callback):
@@ -43,13 +45,17 @@ class LoRAFinetuneCallback(Callback):
             module's other adapters stay frozen.
         loraplus_lr_ratio: LoRA+: the ``B`` matrices learn at ``ratio`` times the learning rate of the rest
             (a separate param group); needs ``optimizer``. The LoRA+ paper suggests 2 to 16.
+        kernels: ``"none"`` (default) or ``"liger"``: patch the Hugging Face model(s) inside the module with
+            Liger-Kernel (`kernels.apply_kernels`; the extra ``kernels``) before the adapters go in.
 
     Injection happens in ``setup``, or right after ``configure_model`` when the module builds its
     layers there, so it always precedes checkpoint loading, the DDP/FSDP wrap and the optimizer.
     Checkpoints keep only adapter (and ``modules_to_save``) tensors plus the config under
     ``"lora_config"``, also for ``save_weights_only``. Loading stays strict for adapter tensors and
     tolerates the absent base weights. Whatever the module's optimizer was given, it ends up holding
-    only trainable parameters. One Trainer takes one such callback.
+    only trainable parameters. After injection the fused paths of `fused.install_fused_paths` go in (q/k/v and
+    gated MLPs as single nodes where their structure fits; one info line says what was not fused); teardown takes
+    them out. One Trainer takes one such callback.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class LoRAFinetuneCallback(Callback):
         lr_scheduler: Callable[[Optimizer], Any] | None = None,
         adapter_name: str = "default",
         loraplus_lr_ratio: float | None = None,
+        kernels: str = "none",
     ) -> None:
         if config is not None and not isinstance(config, LoRAConfig):
             raise TypeError(
@@ -90,16 +97,20 @@ class LoRAFinetuneCallback(Callback):
                     f"LoRAFinetuneCallback({name}=...) must be a factory called with {called_with}, got "
                     f"{type(factory).__name__}; e.g. functools.partial({example}) or a Hydra _partial_ node"
                 )
+        if kernels not in KERNELS:
+            raise ValueError(f"LoRAFinetuneCallback(kernels={kernels!r}) must be 'none' (default) or 'liger'")
         self.config = config
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.adapter_name = adapter_name
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.kernels = kernels
         self._patched: set[str] = set()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_unsupported(trainer, self)
+        check_kernels(self.kernels)
         install_safe_checkpoint_io(trainer)
         if is_overridden("configure_model", pl_module):
             self._patch(pl_module, "configure_model", self._prepare_after)
@@ -135,15 +146,21 @@ class LoRAFinetuneCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        remove_fused_paths(pl_module)
         for name in self._patched:
             delattr(pl_module, name)  # the class's own method shows through again
         self._patched.clear()
 
     def _prepare(self, pl_module: pl.LightningModule) -> None:
+        if self.kernels != "none":
+            injecting = self.config is not None and self.adapter_name not in adapter_names(pl_module)
+            adapting = find_targets(pl_module, self.config, self.adapter_name) if injecting else []
+            apply_kernels(pl_module, self.kernels, adapting)
         report = prepare_adapter(pl_module, self.config, self.adapter_name)
         if report is not None:
             rank_zero_info(f"LoRAFinetuneCallback: {report}")
         make_checkpoints_adapter_only(pl_module, self.config)
+        install_fused_paths(pl_module, self.kernels)
 
     def _prepare_after(self, original: Callable[[], None]) -> Callable[[], None]:
         def configure_model() -> None:

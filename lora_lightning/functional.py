@@ -1,20 +1,53 @@
-"""The LoRA linear map as one autograd node, for eager training with a frozen base.
+"""Fused LoRA autograd nodes, for eager training with frozen bases.
 
-``y = x W^T + b + s * (d(x) A^T) B^T`` where ``d`` is dropout. Autograd over separate modules would
-keep ``d(x)`` as well as ``x`` alive, write the update into a new tensor, and sum two input gradients.
-This node saves only ``x`` and the small ``h = d(x) A^T`` (``[tokens, r]``), accumulates the update into
-the base output in place, and adds the adapter's input gradient into the base's. Backward:
-``gB = s * g^T h``, ``gh = s * g B``, ``gA = gh^T d(x)``, ``gx = g W + d'(gh A)``.
-The dropout mask is not stored: backward replays the same fused dropout kernel on the same ``x`` from
-the generator state saved in forward, then puts the generator back where it was.
+Notation: rows ``x`` (``[tokens, in]``), a frozen base ``W``, ``b``, adapter factors ``A`` (``[r, in]``) and ``B``
+(``[out, r]``), scaling ``s``, dropout ``d(x) = x * m / (1 - p)`` with keep mask ``m``, and ``d'`` the same product
+applied to a gradient. ``g`` is the gradient arriving at a node's output.
+
+`lora_linear`, one layer: ``y = x W^T + b + s (d(x) A^T) B^T``. Autograd over separate modules would keep
+``d(x)`` as well as ``x``, write the update into a new tensor and sum two input gradients; this node saves only
+``x`` and the small ``h = d(x) A^T``, accumulates the update into the base output in place and the adapter's input
+gradient into the base's. Backward: ``gB = s g^T h``, ``gh = s g B``, ``gA = gh^T d(x)``, ``gx = g W + d'(gh A)``.
+
+`lora_shared_input`, layers ``i = 1..n`` that read the same ``x`` (q/k/v of an attention block): one mask and one
+GEMM for all ``A`` factors, ``h = d(x) [A_1; ...; A_n]^T`` (one read of ``x``), then
+``y_i = x W_i^T + b_i + s_i h_i B_i^T``. Backward: ``gB_i = s_i g_i^T h_i``, ``gh_i = s_i g_i B_i``,
+``[gA_1; ...; gA_n] = [gh_1 | ... | gh_n]^T d(x)`` in one GEMM, and ``gx = sum_i g_i W_i + d'([gh_1 | ...] [A_1; ...])``
+accumulated into one buffer.
+
+`lora_gated_mlp`, ``y = down(act(gate(x)) * up(x))`` with all three adapted: ``G`` and ``U`` are gate and up as a
+shared-input pair, ``P = act(G) * U``, and down is a `lora_linear` on ``P`` with its own mask. It saves ``x``,
+``G``, ``U`` and the small ``h``'s, never ``P`` or ``act(G)``: backward recomputes them. Backward:
+``gB_d = s_d g^T h_d``, ``gh_d = s_d g B_d``, ``gA_d = gh_d^T d(P)``, ``gP = g W_d + d'(gh_d A_d)``,
+``gU = gP * act(G)``, ``gG = act'(G) * gP * U``, then the shared-input backward of gate and up.
+
+Masks are never stored: backward replays the fused dropout kernel on the same input from the generator state
+saved in forward, then puts the generator back where it was, so after backward it is where forward left it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+# How `lora_gated_mlp` computes ``act(G) * U`` and its gradients: "torch" (any activation module) or "liger"
+# (Liger-Kernel's fused SiLU-and-multiply kernels, for a SiLU activation on CUDA).
+GATES = ("torch", "liger")
+
+
+class LinearOperands(NamedTuple):
+    """One adapted linear layer as the fused nodes take it."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+    dropout: float
 
 
 def lora_linear(
@@ -30,21 +63,79 @@ def lora_linear(
     return _LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout)
 
 
+def lora_shared_input(x: torch.Tensor, layers: Sequence[LinearOperands]) -> tuple[torch.Tensor, ...]:
+    """``layers`` applied to the same ``x`` as one node; they must share one dropout probability (one mask)."""
+    dropout = _one_dropout(layers)
+    tensors = [t for layer in layers for t in (layer.weight, layer.bias, layer.lora_a, layer.lora_b)]
+    return _SharedInputFunction.apply(x, dropout, tuple(layer.scaling for layer in layers), *tensors)
+
+
+def lora_gated_mlp(
+    x: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    gate: LinearOperands,
+    up: LinearOperands,
+    down: LinearOperands,
+    elementwise: str = "torch",
+) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` as one node; gate and up must share one dropout probability."""
+    dropouts = (_one_dropout((gate, up)), down.dropout)
+    scalings = (gate.scaling, up.scaling, down.scaling)
+    tensors = [t for layer in (gate, up, down) for t in (layer.weight, layer.bias, layer.lora_a, layer.lora_b)]
+    return _GatedMLPFunction.apply(x, act, elementwise, dropouts, scalings, *tensors)
+
+
+def _one_dropout(layers: Sequence[LinearOperands]) -> float:
+    dropouts = {layer.dropout for layer in layers}
+    if len(dropouts) != 1:
+        raise ValueError(f"layers that share one input share one dropout mask; got dropout probabilities {dropouts}")
+    return dropouts.pop()
+
+
+# ------------------------------------------------------------------------------------------------------ dropout
+
+
 def _generator(device: torch.device) -> torch.Generator:
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
     return torch.default_generator
 
 
-def _replay_dropout(x: torch.Tensor, p: float, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``native_dropout(x, p)`` as it ran when the generator had ``state``; the generator is left untouched."""
+def _draw(ctx: Any, key: str, x: torch.Tensor, p: float) -> torch.Tensor:
+    """``d(x)``, remembering the generator state under ``ctx.<key>`` for `_replay` (``x`` itself when ``p`` is 0)."""
+    if not p:
+        return x
+    setattr(ctx, key, _generator(x.device).get_state())
+    return torch.native_dropout(x, p, True)[0]
+
+
+def _replay(ctx: Any, key: str, x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(d(x), m)`` as `_draw` made them (``(x, None)`` when ``p`` is 0); the generator is left untouched."""
+    if not p:
+        return x, None
     generator = _generator(x.device)
     current = generator.get_state()
-    generator.set_state(state)
+    generator.set_state(getattr(ctx, key))
     try:
         return torch.native_dropout(x, p, True)
     finally:
         generator.set_state(current)
+
+
+def _add_input_grad(
+    grad_x: torch.Tensor, gh: torch.Tensor, lora_a: torch.Tensor, keep: torch.Tensor | None, p: float
+) -> torch.Tensor:
+    """``grad_x += d'(gh A)`` in place."""
+    if keep is None:
+        return grad_x.addmm_(gh, lora_a)
+    return grad_x.addcmul_(torch.mm(gh, lora_a), keep, value=1.0 / (1.0 - p))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------------ one layer
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -59,13 +150,9 @@ class _LoRALinearFunction(torch.autograd.Function):
         scaling: float,
         dropout: float,
     ) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        flat = _rows(x)
         out = F.linear(flat, weight, bias)
-        if dropout:
-            ctx.rng_state = _generator(x.device).get_state()
-            h = torch.native_dropout(flat, dropout, True)[0] @ lora_a.t()
-        else:
-            h = flat @ lora_a.t()
+        h = _draw(ctx, "rng", flat, dropout) @ lora_a.t()
         out.addmm_(h, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h)
         ctx.scaling, ctx.dropout = scaling, dropout
@@ -75,18 +162,199 @@ class _LoRALinearFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, lora_a, lora_b, h = ctx.saved_tensors
         needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        flat = x.reshape(-1, x.shape[-1])
+        g = _rows(grad_out)
         grad_b = torch.mm(g.t(), h).mul_(ctx.scaling) if needs_b else None
         gh = torch.mm(g, lora_b).mul_(ctx.scaling)
-        dropped, keep = _replay_dropout(flat, ctx.dropout, ctx.rng_state) if ctx.dropout else (flat, None)
+        dropped, keep = _replay(ctx, "rng", _rows(x), ctx.dropout)
         grad_a = torch.mm(gh.t(), dropped) if needs_a else None
-        grad_x = None
-        if needs_x:
-            grad_x = torch.mm(g, weight)
-            if keep is None:
-                grad_x.addmm_(gh, lora_a)
-            else:
-                grad_x.addcmul_(torch.mm(gh, lora_a), keep, value=1.0 / (1.0 - ctx.dropout))
-            grad_x = grad_x.view(x.shape)
+        grad_x = _add_input_grad(torch.mm(g, weight), gh, lora_a, keep, ctx.dropout).view(x.shape) if needs_x else None
         return grad_x, None, None, grad_a, grad_b, None, None
+
+
+# ------------------------------------------------------------------------------------------------------ shared input
+
+
+def _shared_forward(
+    ctx: Any, flat: torch.Tensor, dropout: float, scalings: Sequence[float], layers: Sequence[Sequence[torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``h`` and the outputs ``y_i`` of layers ``(W, b, A, B)`` on rows ``flat`` (one mask, one ``A`` GEMM)."""
+    a_cat = torch.cat([a for _, _, a, _ in layers])
+    h = _draw(ctx, "rng_x", flat, dropout) @ a_cat.t()
+    outs = []
+    for (weight, bias, _, lora_b), h_i, scaling in zip(layers, _split(h, layers), scalings, strict=True):
+        outs.append(F.linear(flat, weight, bias).addmm_(h_i, lora_b.t(), alpha=scaling))
+    return a_cat, h, outs
+
+
+def _shared_backward(
+    ctx: Any,
+    flat: torch.Tensor,
+    grads: Sequence[torch.Tensor | None],
+    h: torch.Tensor,
+    a_cat: torch.Tensor,
+    layers: Sequence[Sequence[torch.Tensor]],
+    scalings: Sequence[float],
+    dropout: float,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """``gx``, the ``gA_i`` and the ``gB_i`` of `_shared_forward` (``needs``: x, then A and B of each layer)."""
+    grads_b: list[torch.Tensor | None] = []
+    ghs, grad_x = [], None
+    for (weight, _, _, lora_b), g, h_i, scaling, needs_b in zip(
+        layers, grads, _split(h, layers), scalings, needs[2::2], strict=True
+    ):
+        if g is None:  # an output nobody used
+            ghs.append(h_i.new_zeros(h_i.shape))
+            grads_b.append(None)
+            continue
+        grads_b.append(torch.mm(g.t(), h_i).mul_(scaling) if needs_b else None)
+        ghs.append(torch.mm(g, lora_b).mul_(scaling))
+        if needs[0]:
+            grad_x = torch.mm(g, weight) if grad_x is None else grad_x.addmm_(g, weight)
+    gh = torch.cat(ghs, dim=1)
+    dropped, keep = _replay(ctx, "rng_x", flat, dropout)
+    grads_a: list[torch.Tensor | None] = [None] * len(layers)
+    if any(needs[1::2]):
+        stacked = torch.mm(gh.t(), dropped).split(_ranks(layers))
+        grads_a = [ga if n and g is not None else None for ga, g, n in zip(stacked, grads, needs[1::2], strict=True)]
+    if needs[0]:
+        grad_x = _add_input_grad(grad_x if grad_x is not None else torch.zeros_like(flat), gh, a_cat, keep, dropout)
+    return grad_x, grads_a, grads_b
+
+
+def _ranks(layers: Sequence[Sequence[torch.Tensor]]) -> list[int]:
+    return [a.shape[0] for _, _, a, _ in layers]
+
+
+def _split(h: torch.Tensor, layers: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    return h.split(_ranks(layers), dim=1)
+
+
+def _layers(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """``(W, b, A, B)`` per layer from the flat argument list."""
+    return [tuple(tensors[i : i + 4]) for i in range(0, len(tensors), 4)]
+
+
+def _saved(layers: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """What backward needs of each layer besides the stacked ``A``: ``W`` and ``B``."""
+    return [t for weight, _, _, lora_b in layers for t in (weight, lora_b)]
+
+
+def _restored(saved: Sequence[torch.Tensor], a_cat: torch.Tensor, ranks: Sequence[int]) -> list[tuple]:
+    """``(W, None, A, B)`` per layer from `_saved` and the stacked ``A``."""
+    return [(w, None, a, lora_b) for w, lora_b, a in zip(saved[::2], saved[1::2], a_cat.split(ranks), strict=True)]
+
+
+def _needs(needs_input_grad: Sequence[bool], first: int, count: int) -> list[bool]:
+    """Whether ``x``, then ``A`` and ``B`` of ``count`` layers (arguments from index ``first`` on), need gradients."""
+    return [needs_input_grad[0]] + [n for i in range(count) for n in needs_input_grad[first + 4 * i + 2 :][:2]]
+
+
+class _SharedInputFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dropout: float, scalings: tuple[float, ...], *tensors: torch.Tensor):
+        layers = _layers(tensors)
+        a_cat, h, outs = _shared_forward(ctx, _rows(x), dropout, scalings, layers)
+        ctx.save_for_backward(x, h, a_cat, *_saved(layers))
+        ctx.dropout, ctx.scalings, ctx.ranks = dropout, scalings, _ranks(layers)
+        ctx.set_materialize_grads(False)
+        return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        x, h, a_cat, *saved = ctx.saved_tensors
+        layers = _restored(saved, a_cat, ctx.ranks)
+        needs = _needs(ctx.needs_input_grad, 3, len(layers))
+        grads = [None if g is None else _rows(g) for g in grads]
+        grad_x, grads_a, grads_b = _shared_backward(
+            ctx, _rows(x), grads, h, a_cat, layers, ctx.scalings, ctx.dropout, needs
+        )
+        per_layer = [t for ga, gb in zip(grads_a, grads_b, strict=True) for t in (None, None, ga, gb)]
+        return (None if grad_x is None else grad_x.view(x.shape), None, None, *per_layer)
+
+
+# ------------------------------------------------------------------------------------------------------ gated MLP
+
+
+def _gate(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, how: str) -> torch.Tensor:
+    """``act(G) * U``."""
+    if how == "liger":
+        from liger_kernel.ops.swiglu import swiglu_forward
+
+        return swiglu_forward(gate, up)[2]
+    return act(gate) * up
+
+
+class _GateRecomputed:
+    """``act(G) * U`` recomputed in backward, with what its gradient needs (``act`` runs once)."""
+
+    def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, how: str):
+        self.act, self.gate, self.up, self.how = act, gate, up, how
+        if how == "liger":
+            self.product = _gate(act, gate, up, how)
+            return
+        with torch.enable_grad():
+            self.leaf = gate.detach().requires_grad_(True)
+            self.activated = act(self.leaf)
+        self.product = self.activated.detach() * up
+
+    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gG, gU)`` given the gradient of the product. Liger's kernel writes them over ``G`` and ``U``."""
+        if self.how == "liger":
+            from liger_kernel.ops.swiglu import swiglu_backward
+
+            return swiglu_backward(self.gate, self.up, grad)
+        grad_up = grad * self.activated.detach()
+        (grad_gate,) = torch.autograd.grad(self.activated, self.leaf, grad * self.up)
+        return grad_gate, grad_up
+
+
+class _GatedMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        elementwise: str,
+        dropouts: tuple[float, float],
+        scalings: tuple[float, float, float],
+        *tensors: torch.Tensor,
+    ) -> torch.Tensor:
+        gate_up, (w_d, b_d, a_d, lora_b_d) = _layers(tensors[:8]), tensors[8:]
+        flat = _rows(x)
+        a_gu, h_gu, (gate, up) = _shared_forward(ctx, flat, dropouts[0], scalings[:2], gate_up)
+        product = _gate(act, gate, up, elementwise)
+        h_d = _draw(ctx, "rng_p", product, dropouts[1]) @ a_d.t()
+        out = F.linear(product, w_d, b_d).addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
+        ctx.save_for_backward(x, gate, up, h_gu, a_gu, h_d, w_d, a_d, lora_b_d, *_saved(gate_up))
+        ctx.act, ctx.elementwise, ctx.dropouts, ctx.scalings = act, elementwise, dropouts, scalings
+        ctx.ranks = _ranks(gate_up)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, gate, up, h_gu, a_gu, h_d, w_d, a_d, lora_b_d, *saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        s_d, p_d = ctx.scalings[2], ctx.dropouts[1]
+        g = _rows(grad_out)
+        grad_b_d = torch.mm(g.t(), h_d).mul_(s_d) if needs[16] else None
+        gh_d = torch.mm(g, lora_b_d).mul_(s_d)
+        gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
+        product, keep = _replay(ctx, "rng_p", gated.product, p_d)
+        grad_a_d = torch.mm(gh_d.t(), product) if needs[15] else None
+        del product, gated.product
+        grad_product = _add_input_grad(torch.mm(g, w_d), gh_d, a_d, keep, p_d)
+        del keep
+        grad_gate, grad_up = gated.backward(grad_product)
+        del grad_product, gated
+        layers = _restored(saved, a_gu, ctx.ranks)
+        grads = (grad_gate, grad_up)
+        needs_gu = _needs(needs, 5, 2)
+        grad_x, grads_a, grads_b = _shared_backward(
+            ctx, _rows(x), grads, h_gu, a_gu, layers, ctx.scalings[:2], ctx.dropouts[0], needs_gu
+        )
+        per_layer = [t for ga, gb in zip(grads_a, grads_b, strict=True) for t in (None, None, ga, gb)]
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return (grad_x, None, None, None, None, *per_layer, None, None, grad_a_d, grad_b_d)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,10 @@ from torch import nn
 
 from lora_lightning import quant
 from lora_lightning.config import AdapterSpec
-from lora_lightning.functional import lora_linear
+from lora_lightning.functional import LinearOperands, lora_linear
+
+if TYPE_CHECKING:
+    from lora_lightning.fused import SharedInputGroup
 
 
 def hf_conv1d_type() -> type[nn.Module] | None:
@@ -313,9 +317,13 @@ class LoRALinear(LoRALayer):
     stored transposed (``[in, out]``, PEFT's ``fan_in_fan_out``). ``A`` is ``[r, in]``, ``B`` is ``[out, r]``.
 
     In eager training of a plain frozen ``nn.Linear`` in ``x``'s dtype without DoRA, the layer runs
-    `functional.lora_linear` (one autograd node that saves only ``x`` and ``x A^T``); under
+    `functional.lora_linear` (one autograd node that saves only ``x`` and ``x A^T``), or its share of a node over
+    the siblings that read the same input (``input_group``, set by `fused.install_fused_paths`); under
     ``torch.compile``, autocast, DoRA or another base it runs the modules (Inductor fuses those better).
     """
+
+    # Set by `fused.install_fused_paths`: the siblings this layer may share its input node with.
+    input_group: SharedInputGroup | None = None
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -375,23 +383,42 @@ class LoRALinear(LoRALayer):
         self.lora_B[name].weight.copy_(b)
         self._set_base_weight(self.base_weight() - self.delta_weight(name))
 
-    def _fused_forward(self, x: torch.Tensor, name: str, *args: object, **kwargs: object) -> torch.Tensor | None:
-        spec = self.specs[name]
+    def fused_operands(self, x: torch.Tensor, name: str | None = None) -> LinearOperands | None:
+        """What the fused nodes of `functional` need to run adapter ``name`` (the active one by default) on ``x``,
+        or ``None`` where they do not apply: the adapter is not the one running (merged, disabled, inactive), DoRA,
+        a base other than a plain frozen ``nn.Linear`` (4-bit, Conv1D, sharded), ``x`` of another dtype, autocast,
+        a device other than CPU/CUDA, or ``torch.compile`` tracing (Inductor fuses the modules better)."""
+        name = self.active_adapter if name is None else name
         base = self.base_layer
         if (
-            type(base) is nn.Linear
-            and not spec.use_dora
+            name is not None
+            and name == self.active_adapter
+            and not (self.merged or self.disabled)
+            and name in self.specs
+            and not self.specs[name].use_dora
+            and type(base) is nn.Linear
             and not base.weight.requires_grad
-            and type(base.weight.detach()) is torch.Tensor
+            and (base.bias is None or not base.bias.requires_grad)
+            and type(base.weight) in (nn.Parameter, torch.Tensor)  # not a DTensor or another subclass
             and x.dtype == base.weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
             and x.device.type in ("cpu", "cuda")
             and not torch.compiler.is_compiling()
         ):
-            dropout = spec.dropout if self.training else 0.0
+            spec = self.specs[name]
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            return lora_linear(x, base.weight, base.bias, a, b, spec.scaling, dropout)
+            return LinearOperands(base.weight, base.bias, a, b, spec.scaling, spec.dropout if self.training else 0.0)
         return None
+
+    def _fused_forward(self, x: torch.Tensor, name: str, *args: object, **kwargs: object) -> torch.Tensor | None:
+        operands = None if args or kwargs else self.fused_operands(x, name)
+        if operands is None:
+            return None
+        if self.input_group is not None:  # siblings reading the same input (`fused.install_fused_paths`)
+            out = self.input_group.run(self, x)
+            if out is not None:
+                return out
+        return lora_linear(x, *operands)
 
 
 class LoRAEmbedding(LoRALayer):

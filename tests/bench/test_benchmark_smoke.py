@@ -37,9 +37,11 @@ def expected_lora_params(model: dict[str, int], r: int) -> int:
 def test_row_names_select_and_parse() -> None:
     rows = all_rows()
     names = [r.name for r in rows]
-    assert len(names) == len(set(names)) == 2 * 2 * (3 * 2 + 2)  # modes x checkpointing x (LoRA x dropout + 2)
+    # modes x checkpointing x (LoRA x dropout + frozen + full), and the Liger rows: checkpointing x 3
+    assert len(names) == len(set(names)) == 2 * 2 * (4 * 2 + 2) + 2 * 3
     assert all(parse_row(n).name == n for n in names)
-    assert len(select_rows(["ours:*"])) == 8
+    assert len(select_rows(["ours:*"])) == 8 + 2
+    assert parse_row("ours:eager:gc:liger").floor.name == "frozen:eager:gc:liger"
     assert [r.name for r in select_rows(["peft:eager,frozen:eager"])] == ["frozen:eager", "peft:eager"]
     assert parse_row("ours:compile:gc:drop0.05").floor.name == "frozen:compile:gc"
     with pytest.raises(ValueError, match="match no row"):

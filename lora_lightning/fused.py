@@ -1,0 +1,408 @@
+"""Fused LoRA paths over several adapted layers, found by structure and wiring; today's per-layer path is the
+fallback. The math of each path is in `functional`.
+
+- **Shared input.** Sibling `LoRALinear` layers (children of one module with plain ``nn.Linear`` bases and the same
+  input width) that receive the *same tensor* in a forward pass, such as q/k/v, run as one
+  `functional.lora_shared_input` node: one GEMM for all their ``A`` factors, one input-gradient buffer. Which
+  siblings share their input is seen in the first forward of their parent (wiring, not names); from then on the
+  first of them to be called computes all their outputs and the others take theirs. A sibling that later gets
+  another tensor turns its group off (one info line), and each layer runs its own node again.
+- **Gated MLP.** A module with three adapted children and one parameterless child ``act`` whose forward is
+  ``down(act(gate(x)) * up(x))``: checked by running the module on a probe input against that formula with the
+  three children in every role order (exactly one order must match). Its forward then runs
+  `functional.lora_gated_mlp`, which recomputes ``act(gate) * up`` in backward instead of saving down's input.
+
+A fused path gives way to the layers' own path for any call it does not cover (the checks of
+`LoRALinear.fused_operands`: torch.compile, autocast, DoRA, a quantized or sharded base, a merged or disabled
+adapter). Dropout draws one mask per shared input where PEFT draws one per adapter: each adapter's mask has
+PEFT's distribution, but the adapters of one input see the same mask in a step (they are correlated).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import types
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lora_lightning.functional import lora_gated_mlp, lora_shared_input
+from lora_lightning.layers import LoRALinear
+from lora_lightning.modules import canonical_name
+
+# The attribute holding what `install_fused_paths` put on a module (`_Installed`).
+_INSTALLED = "_lora_fused_paths"
+
+
+@dataclass(frozen=True)
+class FusionReport:
+    """What `install_fused_paths` fused, and which adapted layers keep the per-layer path (with the reason)."""
+
+    gated_mlps: list[str] = field(default_factory=list)
+    shared_input_parents: list[str] = field(default_factory=list)
+    not_fused: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.not_fused.items():
+            by_reason.setdefault(reason, []).append(name)
+        not_fused = "; ".join(f"{_summary(names)} ({reason})" for reason, names in by_reason.items()) or "nothing"
+        return (
+            f"LoRA fused paths: gated MLP node on {_summary(self.gated_mlps)}; shared-input node for the children "
+            f"that get the same tensor (seen in the first forward) of {_summary(self.shared_input_parents)}. "
+            f"Not fused: {not_fused}. Under torch.compile and autocast every layer runs its modules"
+        )
+
+
+def install_fused_paths(model: nn.Module, kernels: str = "none") -> FusionReport:
+    """Install the fused paths on ``model``'s adapted layers where their structure fits (a second call starts
+    over), log one info line of what was and was not fused and return it. ``kernels="liger"`` runs a gated MLP's
+    ``act(gate) * up`` through Liger-Kernel's fused SiLU kernels (SiLU activations on CUDA)."""
+    from lora_lightning.kernels import check_kernels  # kernels imports this module
+
+    check_kernels(kernels)
+    remove_fused_paths(model)
+    gated, parents, not_fused, groups = [], [], {}, []
+    for name, module in model.named_modules():
+        adapted = {n: c for n, c in module.named_children() if isinstance(c, LoRALinear)}
+        if not adapted:
+            continue
+        mlp = _gated_mlp(module, adapted)
+        if isinstance(mlp, str):
+            not_fused[canonical_name(name)] = mlp
+        elif mlp is not None:
+            _install(module).mlp = _GatedMLP(module, *mlp, kernels)
+            gated.append(canonical_name(name))
+            continue
+        candidates = _by_input_width(adapted)
+        for members in (m for m in candidates.values() if len(m) > 1):
+            groups.append(SharedInputGroup(canonical_name(name), module, members))
+        if any(len(m) > 1 for m in candidates.values()):
+            parents.append(canonical_name(name))
+        for child, layer in adapted.items():
+            reason = _why_alone(layer, candidates)
+            if reason:
+                not_fused[canonical_name(f"{name}.{child}" if name else child)] = reason
+    first_forward = _FirstForwardLog(len(groups))
+    for group in groups:
+        group.first_forward = first_forward
+    report = FusionReport(gated, parents, not_fused)
+    rank_zero_info(str(report))
+    return report
+
+
+def remove_fused_paths(model: nn.Module) -> None:
+    """Undo `install_fused_paths`: every layer runs its own path again."""
+    for module in model.modules():
+        installed = module.__dict__.pop(_INSTALLED, None)
+        if installed is not None:
+            installed.remove(module)
+
+
+def fused_paths_installed(model: nn.Module) -> bool:
+    return any(_INSTALLED in module.__dict__ for module in model.modules())
+
+
+# ------------------------------------------------------------------------------------------------------ shared input
+
+
+class SharedInputGroup:
+    """Sibling layers of one parent, candidates for sharing their input; see the module docstring.
+
+    What a forward saw (the sets of siblings that got one tensor, or a sibling that got another tensor later)
+    takes effect at the start of the next forward that is not a recomputation inside backward, so that activation
+    checkpointing recomputes a block exactly as its forward ran."""
+
+    def __init__(self, parent_name: str, parent: nn.Module, members: dict[str, LoRALinear]) -> None:
+        self.parent_name = parent_name or "the model"
+        self.names = {layer: name for name, layer in members.items()}
+        self.sets: dict[LoRALinear, tuple[LoRALinear, ...]] | None = None  # None until a forward was seen
+        self.first_forward: _FirstForwardLog | None = None
+        self._seen: dict[LoRALinear, torch.Tensor | None] = {}
+        self._settled: dict[LoRALinear, tuple[LoRALinear, ...]] | None = None  # seen, in effect from the next forward
+        self._turning_off: dict[tuple[LoRALinear, ...], str] = {}
+        self._pending: dict[tuple[LoRALinear, ...], tuple[torch.Tensor, int, dict[LoRALinear, torch.Tensor]]] = {}
+        self._handles = [
+            parent.register_forward_pre_hook(self._begin),
+            parent.register_forward_hook(self._end, always_call=True),
+        ]
+        for layer in members.values():
+            layer.input_group = self
+        _install(parent).groups.append(self)
+
+    def run(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s output on ``x`` from the shared node, or ``None`` for its own path."""
+        if self.sets is None:
+            if self._settled is None:  # the first forward: watch who gets which tensor
+                self._seen[layer] = x if layer not in self._seen else None  # called twice: never shares
+            return None
+        siblings = self.sets.get(layer)
+        if siblings is None:
+            return None
+        pending = self._pending.pop(siblings, None)
+        if pending is not None:
+            source, version, outputs = pending
+            if source is x and version == _version(x) and layer in outputs:
+                out = outputs.pop(layer)
+                if outputs:
+                    self._pending[siblings] = pending
+                return out
+            self._turning_off[siblings] = f"{self.names[layer]} got another tensor than its siblings"
+        operands = [sibling.fused_operands(x) for sibling in siblings]
+        if any(o is None for o in operands) or len({o.dropout for o in operands}) > 1:
+            return None
+        outputs = dict(zip(siblings, lora_shared_input(x, operands), strict=True))
+        out = outputs.pop(layer)
+        self._pending[siblings] = (x, _version(x), outputs)
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for layer in self.names:
+            layer.input_group = None
+
+    def _begin(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self._pending.clear()
+        if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward: as its forward ran
+            return
+        if self.sets is None and self._settled is not None:
+            self.sets, self._settled = self._settled, None
+        for siblings, reason in self._turning_off.items():
+            for layer in siblings:
+                self.sets.pop(layer, None)
+            names = "+".join(self.names[layer] for layer in siblings)
+            rank_zero_info(
+                f"LoRA fused paths: {names} of {self.parent_name} run their own nodes from now on ({reason})"
+            )
+        self._turning_off.clear()
+
+    def _end(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self._pending.clear()
+        if self.sets is None and self._settled is None and self._seen:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Group the layers seen in the first forward by the tensor they got."""
+        classes: list[list[LoRALinear]] = []
+        for layer, x in self._seen.items():
+            match = next((c for c in classes if x is not None and self._seen[c[0]] is x), None)
+            if match is None:
+                classes.append([layer])
+            else:
+                match.append(layer)
+        self._seen.clear()
+        self._settled = {layer: tuple(c) for c in classes if len(c) > 1 for layer in c}
+        if self.first_forward is not None:
+            shared = ["+".join(self.names[layer] for layer in c) for c in classes if len(c) > 1]
+            alone = [f"{self.parent_name}.{self.names[c[0]]}" for c in classes if len(c) == 1]
+            self.first_forward.settled(shared, alone)
+
+
+class _FirstForwardLog:
+    """What every shared-input group saw in its first forward, logged as one info line once all have seen one."""
+
+    def __init__(self, groups: int) -> None:
+        self.waiting = groups
+        self.shared: Counter[str] = Counter()
+        self.alone: list[str] = []
+
+    def settled(self, shared: list[str], alone: list[str]) -> None:
+        self.shared.update(shared)
+        self.alone += alone
+        self.waiting -= 1
+        if self.waiting == 0:
+            together = ", ".join(f"{names} x{n}" if n > 1 else names for names, n in self.shared.items()) or "none"
+            rank_zero_info(
+                f"LoRA fused paths, seen in the first forward: one shared-input node each for {together}; own node "
+                f"(another tensor than their siblings): {_summary(self.alone)}"
+            )
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """``x``'s in-place version counter (``None`` for an inference-mode tensor, which has none)."""
+    return None if x.is_inference() else x._version
+
+
+def _by_input_width(adapted: dict[str, LoRALinear]) -> dict[int, dict[str, LoRALinear]]:
+    """The candidates for sharing an input, by input width: plain frozen-able ``nn.Linear`` bases without DoRA."""
+    groups: dict[int, dict[str, LoRALinear]] = {}
+    for name, layer in adapted.items():
+        if _why_not_linear(layer) is None:
+            groups.setdefault(layer.in_features, {})[name] = layer
+    return groups
+
+
+def _why_alone(layer: LoRALinear, candidates: dict[int, dict[str, LoRALinear]]) -> str | None:
+    reason = _why_not_linear(layer)
+    if reason is None and len(candidates[layer.in_features]) == 1:
+        reason = "no sibling of its input width"
+    return reason
+
+
+def _why_not_linear(layer: LoRALinear) -> str | None:
+    """Why ``layer`` can never run a fused node, or ``None``."""
+    if type(layer.base_layer) is not nn.Linear:
+        return f"{type(layer.base_layer).__name__} base"
+    if type(layer.base_layer.weight.detach()) is not torch.Tensor:
+        return f"{type(layer.base_layer.weight.detach()).__name__} weight"
+    if layer.active_adapter in layer.specs and layer.spec().use_dora:
+        return "DoRA"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ gated MLP
+
+
+class _GatedMLP:
+    """The fused forward of one gated MLP module; the module's own forward is the fallback."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        roles: tuple[str, str, str],
+        layers: tuple[LoRALinear, LoRALinear, LoRALinear],
+        act: nn.Module,
+        kernels: str,
+    ) -> None:
+        self.roles, self.layers, self.act = roles, layers, act
+        self.elementwise = "liger" if kernels == "liger" and _is_silu(act) else "torch"
+        self.previous = module.__dict__.get("forward")  # an instance patch (e.g. Liger's), put back on removal
+        # A bound method, so that a deepcopy of the module runs on the copy's own layers.
+        module.__dict__["forward"] = types.MethodType(_gated_mlp_forward, module)
+
+    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling() or any(
+            getattr(module, role) is not layer for role, layer in zip(self.roles, self.layers, strict=True)
+        ):
+            return None
+        operands = [layer.fused_operands(x) for layer in self.layers]
+        if any(o is None for o in operands) or operands[0].dropout != operands[1].dropout:
+            return None
+        elementwise = self.elementwise if x.device.type == "cuda" else "torch"
+        return lora_gated_mlp(x, self.act, *operands, elementwise=elementwise)
+
+    def remove(self, module: nn.Module) -> None:
+        current = module.__dict__.get("forward")
+        if getattr(current, "__func__", None) is not _gated_mlp_forward:
+            return  # someone patched the forward after us; leave theirs
+        if self.previous is None:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = self.previous
+
+
+def _gated_mlp_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    mlp = self.__dict__[_INSTALLED].mlp
+    out = None if args or kwargs else mlp.run(self, x)
+    if out is not None:
+        return out
+    if mlp.previous is not None:
+        return mlp.previous(x, *args, **kwargs)
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+def _gated_mlp(
+    module: nn.Module, adapted: dict[str, LoRALinear]
+) -> tuple[tuple[str, str, str], tuple[LoRALinear, ...], nn.Module] | str | None:
+    """``((gate, up, down) child names, their layers, act)`` if ``module`` is a gated MLP; a reason if it has the
+    parts of one (three adapted children with plain bases, one parameterless leaf child, a forward mapping a tensor
+    to one of the same shape) but not the wiring; ``None`` if it is no candidate."""
+    others = [c for n, c in module.named_children() if n not in adapted]
+    acts = [c for c in others if next(c.parameters(), None) is None and next(c.children(), None) is None]
+    if len(adapted) != 3 or len(acts) != 1:
+        return None
+    if any(p.device.type == "meta" or type(p.detach()) is not torch.Tensor for p in module.parameters()):
+        return "parameters on the meta device or sharded: its structure cannot be probed"
+    if any(_why_not_linear(layer) for layer in adapted.values()):
+        return None  # each layer is reported with its own reason
+    results = {order: _probe(module, adapted, order, acts[0]) for order in itertools.permutations(adapted)}
+    matches = [order for order, result in results.items() if result is True]
+    if len(matches) == 1:
+        return matches[0], tuple(adapted[n] for n in matches[0]), acts[0]
+    if matches or any(result is False for result in results.values()):
+        return "its forward is not down(act(gate(x)) * up(x))"
+    return None
+
+
+def _probe(module: nn.Module, adapted: dict[str, LoRALinear], order: tuple[str, ...], act: nn.Module) -> bool | None:
+    """Whether ``module``'s forward equals ``down(act(gate(x)) * up(x))`` on a probe input with the children in
+    ``order``; ``None`` where the forward or the formula does not run on one tensor of gate's input width."""
+    gate, up, down = (adapted[n] for n in order)
+    weight = gate.base_layer.weight
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    probe = torch.randn(2, 3, gate.in_features, generator=generator, device=weight.device, dtype=weight.dtype)
+    tolerance = 1e-4 if torch.finfo(weight.dtype).bits >= 32 else 2e-2
+    try:
+        with torch.no_grad(), _evaluating(module):
+            want = module.forward(probe)
+            got = down(act(gate(probe)) * up(probe))
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError):
+        return None
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return None
+    scale = want.float().norm()
+    return bool(scale > 0 and (got.float() - want.float()).norm() <= tolerance * scale)
+
+
+@contextlib.contextmanager
+def _evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (no dropout) for the block, each submodule's mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _is_silu(act: nn.Module) -> bool:
+    probe = torch.linspace(-6, 6, 97)
+    with torch.no_grad():
+        try:
+            return torch.allclose(act(probe), probe * torch.sigmoid(probe), atol=1e-6)
+        except (RuntimeError, TypeError):
+            return False
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+class _Installed:
+    """What `install_fused_paths` put on one module, so that `remove_fused_paths` can take it off."""
+
+    def __init__(self) -> None:
+        self.groups: list[SharedInputGroup] = []
+        self.mlp: _GatedMLP | None = None
+
+    def remove(self, module: nn.Module) -> None:
+        for group in self.groups:
+            group.remove()
+        if self.mlp is not None:
+            self.mlp.remove(module)
+
+
+def _install(module: nn.Module) -> _Installed:
+    return module.__dict__.setdefault(_INSTALLED, _Installed())
+
+
+def _summary(names: list[str]) -> str:
+    """``names`` compressed: ``model.layers.*.mlp x16`` for names that differ only in numbers."""
+    if not names:
+        return "none"
+    by_pattern: dict[str, list[str]] = {}
+    for name in names:
+        by_pattern.setdefault(".".join("*" if part.isdigit() else part for part in name.split(".")), []).append(name)
+    shown = [f"{p} x{len(group)}" if len(group) > 1 else group[0] or "the model" for p, group in by_pattern.items()]
+    return ", ".join(shown)

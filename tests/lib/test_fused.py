@@ -1,0 +1,325 @@
+"""lora_lightning.fused: which layers get a fused path (by structure and wiring, never by name), the same
+gradients as the per-layer path, one info line for what was not fused, and clean fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from lora_lightning import (
+    AdapterSpec,
+    LoRAConfig,
+    LoRALinear,
+    adapter_parameters,
+    adapter_state_dict,
+    fused,
+    inject_lora,
+)
+from lora_lightning.fused import install_fused_paths, remove_fused_paths
+from tests.helpers.models import make_llama
+
+
+@pytest.fixture
+def info_lines():
+    """The info lines the library logs through Lightning's rank-zero logger."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    handler = Collect(level=logging.INFO)
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> dict[str, int]:
+    """Count the calls of the fused nodes ``names`` that `lora_lightning.fused` makes."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(fused, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(fused, name, counted)
+    return calls
+
+
+def adapted_llama(dropout: float = 0.0, dtype: torch.dtype = torch.float32, **config) -> nn.Module:
+    model = make_llama().to(dtype)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=dropout, **config))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(5)
+        for param in adapter_parameters(model):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model.train()
+
+
+TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def step_grads(model: nn.Module, steps: int = 2) -> tuple[list[float], list[torch.Tensor]]:
+    """Losses of ``steps`` forward/backward passes (the first one is where shared inputs are seen) and the adapter
+    gradients and input-embedding gradient of the last."""
+    losses = []
+    embeddings = model.get_input_embeddings()
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        embeddings.weight.requires_grad_(True)
+        torch.manual_seed(1)
+        loss = model(input_ids=TOKENS, labels=TOKENS).loss
+        loss.backward()
+        losses.append(loss.item())
+    return losses, [embeddings.weight.grad, *(p.grad for p in adapter_parameters(model))]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_paths_give_the_per_layer_path_s_gradients(dropout, info_lines, monkeypatch):
+    calls = count_calls(monkeypatch, "lora_shared_input", "lora_gated_mlp")
+    plain_losses, plain = step_grads(adapted_llama(dropout))
+    model = adapted_llama(dropout)
+    report = install_fused_paths(model)
+    assert report.gated_mlps == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert report.shared_input_parents == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert report.not_fused == {}
+    losses, fused_grads = step_grads(model)
+    assert calls == {
+        "lora_shared_input": 2,
+        "lora_gated_mlp": 4,
+    }  # q/k/v share from the second forward on; MLPs from the first
+    if dropout:  # one mask per shared input instead of one per adapter: same distribution, other draws
+        assert all(g is not None and torch.isfinite(g).all() for g in fused_grads)
+        return
+    assert losses == pytest.approx(plain_losses, rel=1e-6)
+    for got, want in zip(fused_grads, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any("q_proj+k_proj+v_proj x2" in line and "o_proj x2" in line for line in info_lines)
+
+
+def test_bf16_fused_gradients_match_the_per_layer_path():
+    _, plain = step_grads(adapted_llama(dtype=torch.bfloat16))
+    model = adapted_llama(dtype=torch.bfloat16)
+    install_fused_paths(model)
+    _, fused_grads = step_grads(model)
+    for got, want in zip(fused_grads, plain, strict=True):
+        scale = want.float().norm()
+        assert (got.float() - want.float()).norm() <= 2e-2 * scale
+
+
+def test_state_dict_and_adapter_keys_are_unchanged():
+    model = adapted_llama()
+    keys, adapter_keys = list(model.state_dict()), list(adapter_state_dict(model))
+    install_fused_paths(model)
+    step_grads(model)
+    assert list(model.state_dict()) == keys and list(adapter_state_dict(model)) == adapter_keys
+
+
+def test_remove_puts_every_layer_back_on_its_own_path():
+    model = adapted_llama()
+    mlp, attention = model.model.layers[0].mlp, model.model.layers[0].self_attn
+    hooks = (len(attention._forward_pre_hooks), len(attention._forward_hooks))
+    install_fused_paths(model)
+    assert "forward" in mlp.__dict__ and attention.q_proj.input_group is not None
+    remove_fused_paths(model)
+    assert "forward" not in mlp.__dict__ and attention.q_proj.input_group is None
+    assert (len(attention._forward_pre_hooks), len(attention._forward_hooks)) == hooks
+    install_fused_paths(model)
+    install_fused_paths(model)  # a second install starts over, it does not stack
+    assert len(attention._forward_pre_hooks) == hooks[0] + 1
+
+
+def test_a_deepcopy_computes_with_its_own_layers():
+    model = adapted_llama()
+    plain = copy.deepcopy(model)
+    install_fused_paths(model)
+    step_grads(model)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for copied in (clone, plain):
+            for param in adapter_parameters(copied):
+                param.mul_(3)
+    torch.testing.assert_close(clone(input_ids=TOKENS).logits, plain(input_ids=TOKENS).logits)
+    assert "forward" in clone.model.layers[0].mlp.__dict__  # the clone runs its own fused paths
+
+
+class SwappedMLP(nn.Module):
+    """Three adapted layers and an activation, but not ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down, self.act = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8), nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) + self.up(x))
+
+
+class GatedMLP(SwappedMLP):
+    """Gated, with the roles under other names than Llama's and in another order of definition."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.up(x) * self.act(self.gate(x)))
+
+
+class SplitInputs(nn.Module):
+    """q/k/v-like siblings fed different tensors (cross-attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        memory = x if memory is None else memory
+        return self.q(x) + self.k(memory) * self.v(memory)
+
+
+def adapted(factory: type[nn.Module], **spec) -> nn.Module:
+    torch.manual_seed(0)
+    module = factory()
+    inject_lora(module, LoRAConfig(r=2, alpha=4, target_modules=".*(gate|up|down|q|k|v)", **spec))
+    with torch.no_grad():
+        for param in adapter_parameters(module):
+            param.normal_(std=0.2)
+    return module.train()
+
+
+def test_detection_is_by_wiring_not_names(info_lines):
+    assert install_fused_paths(adapted(GatedMLP)).gated_mlps == [""]
+    report = install_fused_paths(adapted(SwappedMLP))
+    assert report.gated_mlps == []
+    assert report.not_fused == {
+        "": "its forward is not down(act(gate(x)) * up(x))",
+        "down": "no sibling of its input width",
+    }
+    assert sum("Not fused: the model (its forward is not down" in line for line in info_lines) == 1
+
+
+def test_a_swapped_mlp_keeps_its_own_forward_and_gradients():
+    x = torch.randn(3, 8, requires_grad=True)
+    plain, fused_mlp = adapted(SwappedMLP), adapted(SwappedMLP)
+    install_fused_paths(fused_mlp)
+    for _ in range(2):  # gate and up share their input from the second forward on
+        got, want = fused_mlp(x), plain(x)
+        torch.testing.assert_close(got, want)
+        grads = torch.autograd.grad(got.square().sum(), [x, *adapter_parameters(fused_mlp)])
+        expected = torch.autograd.grad(want.square().sum(), [x, *adapter_parameters(plain)])
+        for g, e in zip(grads, expected, strict=True):
+            torch.testing.assert_close(g, e)
+
+
+def test_siblings_fed_other_tensors_never_share(monkeypatch):
+    calls = count_calls(monkeypatch, "lora_shared_input")
+    module, reference = adapted(SplitInputs), adapted(SplitInputs)
+    install_fused_paths(module)
+    x, memory = torch.randn(4, 8), torch.randn(4, 8)
+    for _ in range(2):
+        torch.testing.assert_close(module(x, memory), reference(x, memory))
+    assert {n for n, layer in module.named_children() if layer.input_group.sets.get(layer)} == {"k", "v"}
+    assert calls == {"lora_shared_input": 1}
+
+
+def test_a_changed_wiring_turns_sharing_off_with_one_info_line(info_lines):
+    module, reference = adapted(SplitInputs), adapted(SplitInputs)
+    install_fused_paths(module)
+    x, memory = torch.randn(4, 8), torch.randn(4, 8)
+    module(x)  # first forward: q, k and v all get x
+    torch.testing.assert_close(module(x), reference(x))
+    assert len(module.q.input_group.sets) == 3
+    torch.testing.assert_close(module(x, memory), reference(x, memory))  # k and v now get another tensor
+    torch.testing.assert_close(module(x, memory), reference(x, memory))
+    assert not module.q.input_group.sets
+    assert sum("q+k+v of the model run their own nodes from now on (k got another" in line for line in info_lines) == 1
+
+
+def test_dora_and_gpt2_conv1d_layers_keep_their_own_path():
+    model = adapted_llama(use_dora=True)
+    report = install_fused_paths(model)
+    assert report.gated_mlps == [] and report.shared_input_parents == []
+    assert set(report.not_fused.values()) == {"DoRA"} and len(report.not_fused) == 14
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    inject_lora(gpt2, LoRAConfig(r=2, target_modules=["c_attn", "c_fc", "c_proj"]))
+    assert set(install_fused_paths(gpt2).not_fused.values()) == {"Conv1D base"}
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_evaluation_without_autograd_runs_the_fused_paths(mode):
+    model = adapted_llama()
+    reference = copy.deepcopy(model)
+    install_fused_paths(model)
+    model.eval()
+    reference.eval()
+    with mode():
+        for _ in range(2):  # the second forward runs the shared-input node
+            torch.testing.assert_close(model(input_ids=TOKENS).logits, reference(input_ids=TOKENS).logits)
+    assert model.model.layers[0].self_attn.q_proj.input_group.sets
+
+
+def test_autocast_falls_back_to_the_module_path():
+    model = adapted_llama()
+    reference = copy.deepcopy(model)
+    install_fused_paths(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step_grads(model)
+        torch.testing.assert_close(model(input_ids=TOKENS).logits, reference(input_ids=TOKENS).logits)
+
+
+def test_different_dropout_on_gate_and_up_falls_back():
+    model = adapted_llama(dropout=0.1)
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj.specs["default"] = AdapterSpec(r=4, alpha=8, dropout=0.2)
+    install_fused_paths(model)
+    x = torch.randn(2, 3, 32)
+    assert mlp.__dict__["_lora_fused_paths"].mlp.run(mlp, x) is None
+    mlp.eval()  # no dropout in eval: both are 0 and the node runs
+    assert mlp.__dict__["_lora_fused_paths"].mlp.run(mlp, x) is not None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_keeps_the_fused_gradients(dropout):
+    model = adapted_llama(dropout)
+    install_fused_paths(model)
+    _, expected = step_grads(model)
+    checkpointed = adapted_llama(dropout)
+    install_fused_paths(checkpointed)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, got = step_grads(checkpointed)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.slow
+def test_a_fused_decoder_block_compiles_fullgraph_on_the_module_path():
+    model = adapted_llama()
+    install_fused_paths(model)
+    step_grads(model)  # the first forward settles the shared inputs
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    block.eval()
+    expected = block(x)
+    compiled = torch.compile(block, fullgraph=True)  # any graph break raises
+    actual = compiled(x)
+    torch.testing.assert_close(actual, expected)
+    actual.sum().backward()
+    assert block.up_proj.lora_B["default"].weight.grad is not None
+    layer = model.model.layers[1]
+    hidden = torch.randn(2, 5, 32)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    want = layer(hidden, position_embeddings=position_embeddings)
+    got = torch.compile(layer, fullgraph=True)(hidden, position_embeddings=position_embeddings)
+    torch.testing.assert_close(got, want)
+
+
+def test_a_layer_added_as_a_lone_child_is_reported():
+    model = nn.Sequential(nn.Linear(4, 4))
+    inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))
+    assert install_fused_paths(model).not_fused == {"0": "no sibling of its input width"}
+    layer = LoRALinear(nn.Linear(4, 4), AdapterSpec(r=2, alpha=4))
+    assert layer.input_group is None

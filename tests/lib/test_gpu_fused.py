@@ -1,0 +1,159 @@
+"""The fused paths and Liger-Kernel on CUDA (run on the device machine; skipped where no GPU is present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_lightning import LoRAConfig, LoRAFinetuneCallback, adapter_parameters, apply_kernels, inject_lora
+from lora_lightning.functional import LinearOperands, lora_gated_mlp
+from lora_lightning.fused import install_fused_paths
+from tests.helpers.models import LlamaModule, make_trainer, tiny_llama_config, token_data
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+transformers = pytest.importorskip("transformers")
+
+
+def llama(dtype: torch.dtype, kernels: str = "none", fused: bool = True, **config) -> torch.nn.Module:
+    fields = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(**(fields | config))).to("cuda", dtype).train()
+    if kernels != "none":
+        apply_kernels(model, kernels)
+    inject_lora(model, LoRAConfig(r=16, alpha=32))
+    with torch.no_grad():
+        generator = torch.Generator(device="cuda").manual_seed(1)
+        for param in adapter_parameters(model):
+            param.copy_(torch.randn(param.shape, generator=generator, device="cuda") * 0.05)
+    if fused:
+        install_fused_paths(model, kernels)
+    return model
+
+
+def grads(model: torch.nn.Module, steps: int = 2) -> list[torch.Tensor]:
+    tokens = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(2)).cuda()
+    for _ in range(steps):  # the first forward is where shared inputs are seen
+        model.zero_grad(set_to_none=True)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    return [p.grad.float() for p in adapter_parameters(model)]
+
+
+def assert_close_in_norm(got: list[torch.Tensor], want: list[torch.Tensor], tolerance: float) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).norm() <= tolerance * w.norm(), (g - w).norm() / w.norm()
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_fused_gradients_match_the_per_layer_path_on_cuda(dtype, tolerance):
+    assert_close_in_norm(grads(llama(dtype)), grads(llama(dtype, fused=False)), tolerance)
+
+
+def test_cuda_masks_are_replayed_and_the_generator_is_left_where_forward_left_it():
+    torch.manual_seed(0)
+    shapes = [(64, 96), (64, 96), (96, 64)]
+    layers = [
+        LinearOperands(
+            torch.randn(o, i, device="cuda") / i**0.5,
+            None,
+            (torch.randn(8, i, device="cuda") / i**0.5).requires_grad_(),
+            (torch.randn(o, 8, device="cuda") * 0.1).requires_grad_(),
+            2.0,
+            0.1,
+        )
+        for i, o in shapes
+    ]
+    x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
+    act = torch.nn.SiLU()
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    start = generator.get_state()
+    y = lora_gated_mlp(lora_gated_mlp(x, act, *layers), act, *layers)
+    after_forward = generator.get_state()
+    factors = [x, *(t for layer in layers for t in (layer.lora_a, layer.lora_b))]
+    got = torch.autograd.grad(y.square().sum(), factors)
+    assert torch.equal(generator.get_state(), after_forward)
+
+    generator.set_state(start)
+    out = x
+    for _ in range(2):
+        (w_g, _, a_g, b_g, s, p), (w_u, _, a_u, b_u, _, _), (w_d, _, a_d, b_d, _, _) = layers
+        mask = torch.native_dropout(out.reshape(-1, 64), p, True)[1].view(out.shape) / (1 - p)
+        gate = out @ w_g.t() + s * ((out * mask) @ a_g.t()) @ b_g.t()
+        up = out @ w_u.t() + s * ((out * mask) @ a_u.t()) @ b_u.t()
+        product = act(gate) * up
+        mask_p = torch.native_dropout(product.reshape(-1, 96), p, True)[1].view(product.shape) / (1 - p)
+        out = product @ w_d.t() + s * ((product * mask_p) @ a_d.t()) @ b_d.t()
+    want = torch.autograd.grad(out.square().sum(), factors)
+    assert_close_in_norm(list(got), list(want), 1e-4)
+
+
+def needs_liger():
+    return pytest.importorskip("liger_kernel.transformers")
+
+
+def test_liger_composes_with_the_fused_paths():
+    needs_liger()
+    fused_model = llama(torch.bfloat16, kernels="liger")
+    mlp = fused_model.model.layers[0].mlp.__dict__["_lora_fused_paths"].mlp
+    assert mlp.elementwise == "liger"
+    assert_close_in_norm(grads(fused_model), grads(llama(torch.bfloat16, kernels="liger", fused=False)), 3e-2)
+
+
+def test_liger_refuses_an_adapted_head():
+    needs_liger()
+    model = transformers.LlamaForCausalLM(tiny_llama_config()).cuda()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    before = model.model.norm.__dict__.get("forward")
+    with pytest.raises(ValueError, match="lm_head"):
+        apply_kernels(model, "liger")
+    assert model.model.norm.__dict__.get("forward") is before  # nothing patched
+
+
+@pytest.mark.parametrize("kernels", ["none", "liger"])
+def test_fit_on_gpu_with_the_fused_paths(tmp_path, kernels):
+    if kernels == "liger":
+        needs_liger()
+    module = LlamaModule()
+    trainer = make_trainer(
+        tmp_path,
+        accelerator="gpu",
+        max_epochs=2,
+        precision="bf16-true",
+        callbacks=[LoRAFinetuneCallback(LoRAConfig(r=4, alpha=8, dropout=0.05), kernels=kernels)],
+    )
+    trainer.fit(module, token_data())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in adapter_parameters(module))
+    assert any(torch.count_nonzero(p) > 0 for p in adapter_parameters(module))
+
+
+@pytest.mark.slow
+def test_200_steps_of_a_smollm2_135m_shape_track_the_per_layer_path():
+    """SmolLM2-135M's shape (30 layers, hidden 576, 9/3 heads, intermediate 1536), bf16, AdamW, on a learnable
+    token stream: the fused path's loss curve follows the per-layer path's within bf16 noise."""
+    shape = dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=4096, max_position_embeddings=512,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(3)
+    start = torch.randint(0, 4096, (64, 1), generator=generator)
+    stream = (start + 7 * torch.arange(256)) % 4096  # the next token is the previous one plus 7
+    curves = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(tiny_llama_config(**shape)).to("cuda", torch.bfloat16).train()
+        inject_lora(model, LoRAConfig(r=16, alpha=32))
+        if fused:
+            install_fused_paths(model)
+        optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-3)
+        losses = []
+        for step in range(200):
+            batch = stream[(8 * step) % 64 :][:8].cuda()
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    fused_curve, plain_curve = curves
+    assert fused_curve[-20:].mean() < 0.7 * fused_curve[:5].mean()  # it learned
+    assert abs(fused_curve[-20:].mean() - plain_curve[-20:].mean()) <= 0.05 * plain_curve[-20:].mean()
+    assert (fused_curve - plain_curve).abs().mean() <= 0.05 * plain_curve.mean()
