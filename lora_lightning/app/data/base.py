@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lora_lightning.app.data.files import load_builtin, prepare_builtin, read_records
+from lora_lightning.app.resume import ResumableLoader
 
 
 class ListDataset(Dataset):
@@ -120,10 +121,11 @@ class TextDataModule(pl.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
             "collate_fn": self.collate,
         }
+        loader_type = ResumableLoader if train else DataLoader  # training resumes mid-epoch where it stopped
         if self.group_by_length:
             batches = length_grouped_batches(data.items, size, random.Random(self.seed) if train else None)
-            return DataLoader(ListDataset(batches), batch_size=None, **options)
-        return DataLoader(data, batch_size=size, **options)
+            return loader_type(ListDataset(batches), batch_size=None, **options)
+        return loader_type(data, batch_size=size, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.train_set, train=True)
