@@ -39,7 +39,7 @@ class _DropStarts(logging.Filter):
         self.starts = tuple(starts)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
+        return not record.getMessage().startswith(self.starts)
 
 
 def quiet() -> None:
