@@ -63,9 +63,13 @@ def enable_gradient_checkpointing(network: nn.Module) -> str:
             "gradient_checkpointing=true needs a Hugging Face model that supports it inside the task module "
             f"({type(network).__name__} has none)"
         )
-    for model in models[:1]:  # the outermost; it sets its inner blocks
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return type(models[0]).__name__
+    model = models[0]  # the outermost; it sets its inner blocks
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    return type(model).__name__
 
 
 def compile_network(module: nn.Module, attribute: str = "model", **options: Any) -> None:
