@@ -1,5 +1,6 @@
-"""Resuming mid-epoch exactly: a training loader that Lightning can put back where training left it, and a
-callback that keeps the loader's position and torch's random state in every checkpoint.
+"""Resuming mid-epoch exactly: a training loader that Lightning can put back where training left it, a
+callback that keeps the loader's position and torch's random state in every checkpoint, and a checkpoint
+callback that also saves the run's last step.
 
 Lightning saves and restores a train loader's ``state_dict`` when it has one; a plain ``DataLoader`` has none,
 so a resumed run restarts its epoch from the first batch. Lightning also prefetches a batch, so a loader that
@@ -16,7 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -74,31 +75,27 @@ class LoaderPosition(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
-class FinalCheckpoint(Callback):
-    """``last.ckpt`` also at the run's last step: ``ModelCheckpoint(every_n_train_steps=n)`` saves only every
-    ``n`` steps, so a run of ``max_steps`` not a multiple of ``n`` would leave its last steps out, and a resume
-    would train them again. Saved at the last batch (mid-epoch state, as the ``n``-step saves) or, when the run
-    ends by ``max_epochs``, at the last epoch's end."""
-
-    def __init__(self) -> None:
-        self._saved_step = -1
+class StepCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` that also writes ``last.ckpt`` at the run's last step. Saving every ``n`` steps alone,
+    a run of ``max_steps`` not a multiple of ``n`` would leave its last steps out (a resume would train them
+    again), and Lightning's save at the end of training would hold the state after the loop ended rather than
+    the mid-epoch state a resume continues from. Saved at the last batch or, when the run ends by
+    ``max_epochs``, at the last epoch's end."""
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, idx)
         if 0 < trainer.max_steps <= trainer.global_step:
-            self._save(trainer)
+            self._save_last(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
         if trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs:
-            self._save(trainer)
+            self._save_last(trainer)
 
-    def _save(self, trainer: pl.Trainer) -> None:
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is None or not checkpoint.save_last or trainer.fast_dev_run:
-            return
-        if self._saved_step != trainer.global_step:
-            trainer.save_checkpoint(checkpoint.format_checkpoint_name({}, checkpoint.CHECKPOINT_NAME_LAST))
-            self._saved_step = trainer.global_step
+    def _save_last(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

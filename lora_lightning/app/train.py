@@ -30,7 +30,7 @@ from torchmetrics import Metric
 
 from lora_lightning import LoRAConfig, LoRAFinetuneCallback, find_targets, load_adapter, param_summary, save_adapter
 from lora_lightning.app import console, schema, switches, throughput, tracking
-from lora_lightning.app.resume import FinalCheckpoint, LoaderPosition
+from lora_lightning.app.resume import LoaderPosition
 from lora_lightning.app.runstats import RunStats
 from lora_lightning.files import write_text_atomically
 
@@ -70,7 +70,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if cfg.seed is not None:
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
         stats = RunStats()
-        extra = [stats, LoaderPosition(), FinalCheckpoint(), console.LoRASummary(lora_config)]
+        extra = [stats, LoaderPosition(), console.LoRASummary(lora_config)]
         trainer = objects["trainer"] = build_trainer(cfg, None if cfg.adapter_path else lora_config, extra)
         refuse_ranks_in_a_shared_sweep_process(trainer)  # before any model or logger exists
 
