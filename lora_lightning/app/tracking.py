@@ -112,7 +112,10 @@ def _is_sweep(value: str) -> bool:
 
 
 def _subdir_name(overrides: Sequence[str], job_num: Any = None, sweeper_params: Any = None) -> str:
-    return run_name(overrides, job_num, swept_keys(sweeper_params))
+    """A job's folder name. A sweeper parameter with one value (``seed`` under ``sweep.seeds=1``) names nothing."""
+    fixed = {str(k) for k, v in (sweeper_params or {}).items() if not _is_sweep(str(v))}
+    kept = [o for o in overrides if str(o).lstrip("+~").partition("=")[0] not in fixed]
+    return run_name(kept, job_num, swept_keys(sweeper_params))
 
 
 def seed_values(seed: int | None, seeds: int) -> str:
@@ -130,8 +133,7 @@ OmegaConf.register_new_resolver("seeds", seed_values, replace=True)
 
 def run_info(cfg: DictConfig) -> RunInfo:
     """Name, group and folder of the current job (also outside Hydra, e.g. in tests)."""
-    overrides: list[str] = []
-    multirun, group, swept = False, None, []
+    name, multirun, group = "", False, None
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         overrides = list(hydra_cfg.overrides.task)
@@ -139,8 +141,10 @@ def run_info(cfg: DictConfig) -> RunInfo:
         sweep_dir = os.environ.get(SWEEP_DIR_ENV) if not multirun else str(Path(hydra_cfg.runtime.output_dir).parent)
         if sweep_dir:  # every job of a sweep (also one the gpu_pool launcher started) is in the sweep's group
             group = f"{cfg.task_name}-{Path(sweep_dir).name}"
-            swept = swept_keys(OmegaConf.select(hydra_cfg, "sweeper.params"))
-    name = run_name(overrides, swept=swept) or f"r{cfg.lora.r}_a{cfg.lora.alpha:g}"
+            name = _subdir_name(overrides, sweeper_params=OmegaConf.select(hydra_cfg, "sweeper.params"))
+        else:
+            name = run_name(overrides)
+    name = name or f"r{cfg.lora.r}_a{cfg.lora.alpha:g}"
     return RunInfo(name=name, group=group, output_dir=Path(cfg.paths.output_dir), multirun=multirun)
 
 
