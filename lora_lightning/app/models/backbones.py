@@ -57,9 +57,7 @@ def from_pretrained(
     """
     if kind not in ("encoder", "causal_lm"):
         raise ValueError(f"kind={kind!r}: must be 'encoder' or 'causal_lm'")
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"dtype={dtype!r}: not a torch dtype name, e.g. 'float32' or 'bfloat16'")
+    torch_dtype = _torch_dtype(dtype)
     options = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         options["gguf_file"] = gguf_file
@@ -82,6 +80,13 @@ def from_pretrained(
     if tokenizer.pad_token is None:  # most causal LMs have none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return Backbone(model=model, tokenizer=tokenizer, name_or_path=str(name_or_path))
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}: not a torch dtype name, e.g. 'float32' or 'bfloat16'")
+    return torch_dtype
 
 
 def packaged_minilm(dtype: str = "float32") -> Backbone:
@@ -141,11 +146,15 @@ def tiny_causal_lm(
     intermediate_size: int = 64,
     max_length: int = 256,
     seed: int = 0,
+    vocab_size: int | None = None,
+    dtype: str = "float32",
 ) -> Backbone:
-    """A randomly initialised Llama with a byte-level tokenizer: no download, for tests."""
+    """A randomly initialised Llama built from a config with a byte-level tokenizer: no download. Tiny by
+    default (tests, smoke runs); at a real model's shape (``model=llama_1b_random``) it measures memory and
+    speed. ``vocab_size`` (default: the tokenizer's 260) sizes the embedding and output head."""
     tokenizer = byte_tokenizer(add_bos=True)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
@@ -157,4 +166,5 @@ def tiny_causal_lm(
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
-    return Backbone(model=LlamaForCausalLM(config), tokenizer=tokenizer, name_or_path="tiny-llama")
+    model = LlamaForCausalLM(config).to(_torch_dtype(dtype))
+    return Backbone(model=model, tokenizer=tokenizer, name_or_path="tiny-llama" if hidden_size <= 64 else "random-llama")
