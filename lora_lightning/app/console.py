@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 CHATTER = {
     "torchao": ("Failed to load",),
     "torchao.kernel.intmm": ("Warning: Detected no triton",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
     "torch.utils._pytree": ("<enum",),
     "lightning.pytorch.utilities.rank_zero": ("💡 Tip:", "LoRAFinetuneCallback: "),
 }
