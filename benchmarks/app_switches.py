@@ -4,12 +4,13 @@
 
     python -m benchmarks.app_switches --out outputs/app_switches            # one GPU: about 8 minutes on an H200
     python -m benchmarks.app_switches --tiny --out outputs/app_switches-cpu  # the same rows on CPU, tiny models
+    python -m benchmarks.app_switches --main --out outputs/app_main          # the main job's documented figures
 
 GPU rows: the 1B-class preset (``experiment=llama1b_lm_gpu``: Llama-3.2-1B's shape from its config, LoRA r=16 on
 every projection, 4 x 2048 tokens a step) with each switch, and the SmolLM2 preset for one H200 with and
-without LoRA+ (a switch of quality, not speed). CPU rows: the same switches on ``experiment=tiny_lm``. Rows a
-machine cannot run (Liger without CUDA) are recorded as skipped. Writes ``app_switches.json`` and
-``app_switches.md`` with the machine.
+without LoRA+ (a switch of quality, not speed). CPU rows: the same switches on ``experiment=tiny_lm``
+(widened to 64, so that bitsandbytes' CPU kernels apply). Rows a machine cannot run (Liger without CUDA) are
+recorded as skipped. Writes ``app_switches.json`` and ``app_switches.md`` with the machine.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 from benchmarks.environment import REPO_ROOT, environment
 
-QUIET = ["logger=csv", "print_config=false", "save_adapter=false", "eval_before=false"]
+QUIET = ("logger=csv", "print_config=false", "save_adapter=false", "eval_before=false")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Row:
     switch: str
     overrides: tuple[str, ...]
     cuda_only: bool = False
+    quiet: tuple[str, ...] = QUIET
 
 
 def gpu_rows() -> list[Row]:
@@ -60,7 +62,13 @@ def gpu_rows() -> list[Row]:
 
 
 def cpu_rows() -> list[Row]:
-    base = ("experiment=tiny_lm", "trainer.max_steps=30", "trainer.log_every_n_steps=5")
+    base = (
+        "experiment=tiny_lm",
+        "trainer.max_steps=30",
+        "trainer.log_every_n_steps=5",
+        "model.backbone.hidden_size=64",
+        "model.backbone.intermediate_size=128",
+    )  # bitsandbytes' CPU shapes
     return [
         Row("tiny: fp32 (baseline)", "precision", base),
         Row("tiny: bf16-mixed", "precision", (*base, "trainer.precision=bf16-mixed")),
@@ -73,13 +81,21 @@ def cpu_rows() -> list[Row]:
     ]
 
 
+def main_rows() -> list[Row]:
+    """The figures docs/training.md quotes for the main job and the SmolLM2 preset, as a user runs them."""
+    return [
+        Row("main job (python scripts/train.py)", "main", (), quiet=("logger=csv", "print_config=false")),
+        Row("experiment=smollm2_lm", "main", ("experiment=smollm2_lm",), quiet=("logger=csv", "print_config=false")),
+    ]
+
+
 def run_row(row: Row, out: Path, timeout: int) -> dict[str, Any]:
     """``scripts/train.py`` for one row in a fresh process; the row's numbers from its ``metrics.json``."""
     folder = out / "runs" / re.sub(r"[^\w.+-]+", "_", row.name).strip("_")  # Hydra's override grammar
     record: dict[str, Any] = {"row": row.name, "switch": row.switch, "overrides": list(row.overrides)}
     if row.cuda_only and not torch.cuda.is_available():
         return {**record, "status": "skipped", "error": "needs CUDA"}
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *row.overrides, *QUIET]
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *row.overrides, *row.quiet]
     command.append(f"hydra.run.dir={folder}")
     started = time.perf_counter()
     try:
@@ -93,6 +109,8 @@ def run_row(row: Row, out: Path, timeout: int) -> dict[str, Any]:
     wanted = ("status", "error", "steps", "tokens_per_sec", "samples_per_sec", "mfu", "time_per_step_s",
               "peak_memory_mib", "memory_kind", "metric_name", "metric", "train_time_s")  # fmt: skip
     record.update({k: metrics[k] for k in wanted if k in metrics})
+    if metrics.get("before"):
+        record["before"] = metrics["before"].get(metrics.get("metric_name"))
     record.setdefault("status", "failed")
     if record["status"] != "ok" and "error" not in record:
         record["error"] = output.strip().splitlines()[-1][:300] if output.strip() else "no output"
@@ -113,12 +131,13 @@ def markdown(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         f"Machine: {machine.get('device')}; torch {machine.get('torch')}, transformers {machine.get('transformers')};"
         f" {machine.get('timestamp', '')}.",
         "",
-        "| row | tokens/s | MFU | time/step (ms) | peak memory (MiB) | held-out metric | status |",
-        "|---|---|---|---|---|---|---|",
+        "| row | tokens/s | MFU | time/step (ms) | peak memory (MiB) | held-out metric | steps | wall (s) | status |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         step = r.get("time_per_step_s")
         metric = f"{r['metric_name']} {r['metric']:.4g}" if isinstance(r.get("metric"), float) else ""
+        metric = f"{r['before']:.4g} -> {metric}" if metric and r.get("before") is not None else metric
         cells = [
             r["row"],
             f"{r['tokens_per_sec']:,.0f}" if r.get("tokens_per_sec") else "",
@@ -126,7 +145,9 @@ def markdown(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
             f"{1000 * step:.1f}" if step else "",
             f"{r['peak_memory_mib']:,.0f} ({r.get('memory_kind', '')})" if r.get("peak_memory_mib") else "",
             metric if metric != "nan" else "",
-            r["status"] + (f": {r['error'][:120]}" if r.get("error") else ""),
+            str(r.get("steps", "")),
+            str(r.get("wall_s", "")),
+            r["status"] + (f": {' '.join(r['error'].split())[:160]}" if r.get("error") else ""),
         ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -136,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="the CPU rows on tiny models")
+    parser.add_argument("--main", action="store_true", help="the main job and experiment=smollm2_lm, as documented")
     parser.add_argument("--rows", nargs="*", default=None, help="only rows whose name contains one of these")
-    parser.add_argument("--timeout", type=int, default=300, help="seconds per row")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per row")
     args = parser.parse_args(argv)
-    rows = cpu_rows() if args.tiny or not torch.cuda.is_available() else gpu_rows()
+    rows = main_rows() if args.main else cpu_rows() if args.tiny or not torch.cuda.is_available() else gpu_rows()
     if args.rows:
         rows = [r for r in rows if any(part in r.name for part in args.rows)]
     args.out.mkdir(parents=True, exist_ok=True)

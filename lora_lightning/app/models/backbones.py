@@ -49,11 +49,16 @@ def from_pretrained(
     dtype: str = "float32",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    quant: str | None = None,
+    quant_dtype: str = "bfloat16",
 ) -> Backbone:
     """Load a Hugging Face model by hub name or local folder (optionally a GGUF file inside the folder).
 
     ``kind="encoder"`` loads the bare encoder (``AutoModel``), ``kind="causal_lm"`` a model with its LM
-    head (``AutoModelForCausalLM``). GGUF weights are dequantized to ``dtype`` on load.
+    head (``AutoModelForCausalLM``). GGUF weights are dequantized to ``dtype`` on load. ``quant="bnb-nf4"``
+    on a CUDA machine loads the linear layers straight into 4-bit NF4 (transformers' bitsandbytes
+    integration, computing in ``quant_dtype``), so the full-precision model never sits in memory; elsewhere
+    the app quantizes after loading (`lora_lightning.app.switches`).
     """
     if kind not in ("encoder", "causal_lm"):
         raise ValueError(f"kind={kind!r}: must be 'encoder' or 'causal_lm'")
@@ -61,6 +66,12 @@ def from_pretrained(
     options = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         options["gguf_file"] = gguf_file
+    elif quant == "bnb-nf4" and torch.cuda.is_available():
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_torch_dtype(quant_dtype)
+        )
     auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
     folder = Path(name_or_path).expanduser()
     needed = gguf_file or "config.json"
