@@ -7,10 +7,11 @@
     python -m benchmarks.app_switches --main --out outputs/app_main          # the main job's documented figures
 
 GPU rows: the 1B-class preset (``experiment=llama1b_lm_gpu``: Llama-3.2-1B's shape from its config, LoRA r=16 on
-every projection, 4 x 2048 tokens a step) with each switch, and the SmolLM2 preset for one H200 with and
-without LoRA+ (a switch of quality, not speed). CPU rows: the same switches on ``experiment=tiny_lm``
-(widened to 64, so that bitsandbytes' CPU kernels apply). Rows a machine cannot run (Liger without CUDA) are
-recorded as skipped. Writes ``app_switches.json`` and ``app_switches.md`` with the machine.
+every projection, 4 x 2048 tokens a step) with each precision and memory switch, and the SmolLM2 preset for one
+H200 as shipped (Liger), without Liger, and without Liger but with LoRA+ (a switch of quality, not speed).
+CPU rows: the same switches on ``experiment=tiny_lm`` (widened to 64, so that bitsandbytes' CPU kernels apply).
+Rows a machine cannot run (Liger without CUDA) are recorded as skipped. Writes ``app_switches.json`` and
+``app_switches.md`` with the machine.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Row:
 
 def gpu_rows() -> list[Row]:
     base = ("experiment=llama1b_lm_gpu", "trainer.max_steps=20", "eval_after=false")
+    smol = ("experiment=smollm2_lm_gpu", "trainer.max_steps=100")
     return [
         Row("1B: bf16-mixed (baseline)", "precision", base),
         Row("1B: bf16-true", "precision", (*base, "trainer.precision=bf16-true")),
@@ -51,13 +53,9 @@ def gpu_rows() -> list[Row]:
         Row("1B: torch.compile", "compile", (*base, "compile=true")),
         Row("1B: QLoRA bnb-nf4", "quant", (*base, "quant=bnb-nf4")),
         Row("1B: QLoRA torchao-nf4", "quant", (*base, "quant=torchao-nf4")),
-        Row("1B: Liger kernels", "kernels", (*base, "kernels=liger"), cuda_only=True),
-        Row("SmolLM2 preset (smollm2_lm_gpu)", "preset", ("experiment=smollm2_lm_gpu", "trainer.max_steps=150")),
-        Row(
-            "SmolLM2 preset + LoRA+ (ratio 16)",
-            "loraplus",
-            ("experiment=smollm2_lm_gpu", "trainer.max_steps=150", "loraplus_lr_ratio=16"),
-        ),
+        Row("SmolLM2 preset (smollm2_lm_gpu, Liger)", "kernels", smol, cuda_only=True),
+        Row("SmolLM2 preset, kernels=none", "kernels", (*smol, "kernels=none")),
+        Row("SmolLM2 preset, kernels=none, LoRA+ 16", "loraplus", (*smol, "kernels=none", "loraplus_lr_ratio=16")),
     ]
 
 
@@ -103,12 +101,13 @@ def run_row(row: Row, out: Path, timeout: int) -> dict[str, Any]:
         output = done.stdout + done.stderr
     except subprocess.TimeoutExpired:
         output = f"timed out after {timeout} s"
+        record.update(status="timed out", error=output)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "logs" / f"{folder.name}.log").write_text(output)
     metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     wanted = ("status", "error", "steps", "tokens_per_sec", "samples_per_sec", "mfu", "time_per_step_s",
               "peak_memory_mib", "memory_kind", "metric_name", "metric", "train_time_s")  # fmt: skip
-    record.update({k: metrics[k] for k in wanted if k in metrics})
+    record.update({k: metrics[k] for k in wanted if k in metrics and k not in record})
     if metrics.get("before"):
         record["before"] = metrics["before"].get(metrics.get("metric_name"))
     record.setdefault("status", "failed")
