@@ -178,4 +178,5 @@ def tiny_causal_lm(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(_torch_dtype(dtype))
-    return Backbone(model=model, tokenizer=tokenizer, name_or_path="tiny-llama" if hidden_size <= 64 else "random-llama")
+    name = "tiny-llama" if hidden_size <= 64 else "random-llama"
+    return Backbone(model=model, tokenizer=tokenizer, name_or_path=name)
