@@ -166,15 +166,19 @@ def save_run_adapter(trainer: pl.Trainer, module: pl.LightningModule, adapter_di
 def main(cfg: DictConfig) -> float | None:
     """The command-line entry: prints the resolved config, then trains. In a multirun, a trial that fails is
     logged and recorded (``status: failed`` in its ``metrics.json``) and the sweep goes on, but a config that
-    cannot launch (`schema.ConfigError`: the schema, the switches, the sweep guard) stops the whole sweep with
-    a non-zero exit; a single run raises."""
+    cannot launch (`schema.ConfigError`: the schema, the switches, the sweep guard) stops the whole sweep at
+    that trial with exit status 1; a single run raises."""
     console.quiet()
     if cfg.print_config:
         console.print_config_tree(cfg)
     try:
         metrics, _ = train(cfg)
     except Exception as err:
-        if not tracking.run_info(cfg).multirun or isinstance(err, schema.ConfigError):
+        multirun = tracking.run_info(cfg).multirun
+        if multirun and isinstance(err, schema.ConfigError):  # every trial would fail alike: stop the sweep now
+            log.error("%s\nthe sweep stops here: this config cannot launch", err)
+            raise SystemExit(1) from err  # Hydra's launchers record an Exception and go on to the next trial
+        if not multirun:
             raise
         log.exception("this trial failed; the sweep goes on")
         return math.nan
