@@ -21,11 +21,11 @@ from typing import Any
 from torch import nn
 
 from lora_lightning import quant, quantize_linears
+from lora_lightning.kernels import KERNELS
 
 log = logging.getLogger(__name__)
 
 QUANT_KINDS = (None, *quant.KINDS)
-KERNELS = ("none", "liger")
 
 
 def check(quant_kind: str | None, kernels: str) -> None:
@@ -78,9 +78,3 @@ def compile_network(module: nn.Module, attribute: str = "model", **options: Any)
     network = getattr(module, attribute)
     network.compile(**options)
     log.info("torch.compile on %s (compiled at its first batch)", type(network).__name__)
-
-
-def kernel_arguments(kernels: str) -> dict[str, Any]:
-    """The LoRA callback's ``kernels`` argument, passed only when a kernel set is chosen (so the app runs
-    with a library whose callback has no such argument while ``kernels=none``)."""
-    return {} if kernels == "none" else {"kernels": kernels}

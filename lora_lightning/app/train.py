@@ -264,7 +264,7 @@ def build_trainer(cfg: DictConfig, lora_config: LoRAConfig | None, extra_callbac
         optimizer=optimizer,
         lr_scheduler=scheduler,
         loraplus_lr_ratio=cfg.get("loraplus_lr_ratio"),
-        **switches.kernel_arguments(cfg.kernels),
+        kernels=cfg.kernels,
     )
     trainer = instantiate(cfg.trainer, callbacks=[*callbacks, lora_callback, *extra_callbacks], logger=False)
     return trainer

@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from lora_lightning import quant
+from lora_lightning import LoRAFinetuneCallback, quant
 from lora_lightning.app import switches, throughput
 from lora_lightning.app.models import tiny_causal_lm
-from lora_lightning.app.train import CONF_DIR, train
+from lora_lightning.app.train import CONF_DIR, build_trainer, train
 from tests.helpers.app import compose_train, sentiment_rows, write_csv
 
 
@@ -43,9 +43,17 @@ def test_gradient_checkpointing_needs_a_model_that_has_it() -> None:
         switches.enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_kernels_reach_the_callback_only_when_chosen() -> None:
-    assert switches.kernel_arguments("none") == {}  # a library without the argument still works
-    assert switches.kernel_arguments("liger") == {"kernels": "liger"}
+@pytest.mark.parametrize("kernels", ["none", "liger"])
+def test_the_kernels_key_reaches_the_lora_callback(tmp_path, kernels) -> None:
+    cfg = compose_train(lm(tmp_path, f"kernels={kernels}"), output_dir=tmp_path)
+    trainer = build_trainer(cfg, None, [])
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, LoRAFinetuneCallback)]
+    assert callback.kernels == kernels
+
+
+def test_an_unknown_kernel_set_is_named_at_start() -> None:
+    with pytest.raises(ValueError, match=r"kernels='triton': must be one of none, liger"):
+        switches.check(None, "triton")
 
 
 @pytest.mark.slow
