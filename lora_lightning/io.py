@@ -41,6 +41,7 @@ from lora_lightning.peft_format import (
     CONFIG_NAME,
     PEFT_KEYS,
     PEFT_PREFIX,
+    TASK_TYPES,
     WEIGHTS_NAME,
     from_peft,
     to_peft,
@@ -62,15 +63,22 @@ def save_adapter(
     adapter_name: str | None = None,
     overwrite: bool = False,
     base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` (the active one by default) of ``model`` as a PEFT folder at ``path``.
     Keys are relative to ``model``: pass the module PEFT will wrap (e.g. the Hugging Face model inside a
-    LightningModule). ``state_dict`` (keyed like ``model.state_dict()``) supplies the tensors instead of the
-    model's own, e.g. the full tensors an FSDP strategy gathered from the ranks' shards."""
+    LightningModule). ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"`` or ``"SEQ_CLS"``) tells
+    ``PeftModel.from_pretrained`` which task model to build. ``state_dict`` (keyed like ``model.state_dict()``)
+    supplies the tensors instead of the model's own, e.g. the full tensors an FSDP strategy gathered from the
+    ranks' shards."""
     path = Path(path)
     _check_adapter_name("save_adapter", adapter_name, optional=True)
     base_model_name_or_path = _base_model_name(base_model_name_or_path)
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise AdapterFormatError(
+            f"save_adapter(task_type={task_type!r}): must be None or one of PEFT's task types {list(TASK_TYPES)}"
+        )
     if adapter_name is None:
         adapter_name = active_adapter(model) if list(lora_layers(model)) else None
     layers = list(lora_layers(model, adapter_name)) if adapter_name else []
@@ -97,7 +105,7 @@ def save_adapter(
             f"save_adapter: {str(path)!r} holds other files {foreign[:5]}; overwrite=True replaces the whole "
             "folder, so it only replaces adapter folders; choose an empty or new path"
         )
-    config = _peft_config(model, layers, adapter_name, base_model_name_or_path)
+    config = _peft_config(model, layers, adapter_name, base_model_name_or_path) | {"task_type": task_type}
     full = None if state_dict is None else {canonical_name(k): v for k, v in state_dict.items()}
     own = {  # model key -> (file key, the model's own tensor)
         canonical_name(key): (canonical_name(file_key), tensor)
