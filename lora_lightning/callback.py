@@ -22,7 +22,7 @@ from lora_lightning.checkpoint_io import (
     make_checkpoints_adapter_only,
 )
 from lora_lightning.config import LoRAConfig, _is_positive_finite, is_adapter_name
-from lora_lightning.fused import install_fused_paths, remove_fused_paths
+from lora_lightning.fused import WIRING_KEY, fused_wiring, install_fused_paths, remove_fused_paths, restore_fused_wiring
 from lora_lightning.inject import find_targets, prepare_adapter
 from lora_lightning.kernels import KERNELS, apply_kernels, check_kernels
 from lora_lightning.modules import shadow_method
@@ -143,6 +143,13 @@ class LoRAFinetuneCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         check_checkpoint_config(checkpoint, self.config)
+        restore_fused_wiring(pl_module, checkpoint.get(WIRING_KEY, {}))
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[WIRING_KEY] = fused_wiring(pl_module)  # a resumed run's first step fuses as this run does
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
