@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from lora_lightning import (
     LoRAConfig,
@@ -24,7 +25,7 @@ from lora_lightning.checkpoint_io import ADAPTERS_KEY
 from lora_lightning.inject import _shown_name
 from lora_lightning.params import lora_layers, trained_in_full_modules
 from lora_lightning.peft_format import CONFIG_NAME
-from tests.helpers.adapters import assert_unchanged, perturb_adapters_, snapshot
+from tests.helpers.adapters import assert_unchanged, perturb_adapters_, perturb_lora_b_, snapshot
 from tests.helpers.models import LlamaModule, MLPModule, classification_data, make_trainer, token_data
 
 CONFIGS = {
@@ -90,6 +91,19 @@ def test_a_target_that_matches_nothing_lists_the_layers_with_their_parents_name(
 )
 def test_a_listed_layer_is_its_leaf_name_or_more_where_the_leaf_is_a_position(name, shown):
     assert _shown_name(name) == shown
+
+
+def test_a_layer_directly_inside_a_wrapper_that_forwards_no_writes_is_replaced_where_the_forward_finds_it():
+    """torch's checkpoint wrapper (unlike torch.compile's) does not pass attribute writes on to the module inside."""
+    plain, wrapped = MLPModule(), MLPModule()
+    wrapped.net = checkpoint_wrapper(wrapped.net, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    for module in (plain, wrapped):
+        torch.manual_seed(1)  # the same A
+        inject_lora(module, LoRAConfig(r=2, target_modules=["net.0"]))
+        perturb_lora_b_(module)
+    assert [n for n, _ in lora_layers(wrapped)] == ["net._checkpoint_wrapped_module.0"]
+    x = classification_data().dataset.tensors[0]
+    torch.testing.assert_close(wrapped(x), plain(x), rtol=0, atol=0)
 
 
 def test_a_compiled_single_layer_is_refused_before_any_change():
