@@ -119,6 +119,17 @@ def test_fit_from_a_yaml_sets_every_argument_trains_the_adapters_and_steps_the_s
     assert saved["trainer"]["callbacks"][0]["init_args"]["config"] == LORA
 
 
+def test_the_yaml_of_the_docs_fits_and_one_field_is_overridden_from_the_command_line(tmp_path):
+    text = (ROOT / "docs" / "adapters.md").read_text()
+    block = text.split("```yaml\n# lora.yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "lora.yaml").write_text(block)
+    settings = ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+    settings += ["--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}"]
+    cli = run_cli("fit", "--config", str(tmp_path / "lora.yaml"), *settings, "--trainer.callbacks.config.r=16")
+    assert lora_callback(cli).config == LoRAConfig(r=16, alpha=16, dropout=0.05, target_modules="all-linear")
+    assert cli.trainer.current_epoch == 3 and cli.model.net[0].factors("default")[1].abs().sum() > 0
+
+
 def test_a_scheduler_factory_returning_lightnings_dict_steps_every_optimizer_step(tmp_path):
     callback = callback_node(
         config={"r": 2, "target_modules": ["net.0"]},
