@@ -18,6 +18,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import nn
 from typing_extensions import Self, override
 
@@ -314,7 +315,7 @@ class LoRACheckpointMixin:
     (`inject_from_checkpoint`) before the weights load. ``load_from_checkpoint`` unpickles weights-only unless
     given ``weights_only=False`` (for a file you trust)."""
 
-    @classmethod
+    @_restricted_classmethod  # Lightning's: refused on an instance, whose result would be dropped
     def load_from_checkpoint(
         cls,
         checkpoint_path: _PATH,

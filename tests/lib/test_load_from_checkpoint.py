@@ -112,6 +112,12 @@ def test_trainer_stages_with_ckpt_path_give_the_trained_outputs(trained, tmp_pat
         )
 
 
+def test_load_from_checkpoint_is_refused_on_an_instance_as_lightnings_is(trained):
+    module, best = trained
+    with pytest.raises(TypeError, match="cannot be called on an instance"):
+        module.load_from_checkpoint(best)
+
+
 def test_inject_from_checkpoint_serves_a_module_class_that_cannot_change(trained):
     module, best = trained
     checkpoint = SafeCheckpointIO().load_checkpoint(best)  # weights-only, with clear errors for bad files
