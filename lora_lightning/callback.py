@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
-from torch.optim import Optimizer
 from typing_extensions import override
 
 from lora_lightning.checkpoint_io import (
@@ -29,6 +28,10 @@ from lora_lightning.modules import shadow_method
 from lora_lightning.optim import build_optimizer, keep_only_trainable_params
 from lora_lightning.params import adapter_names, param_summary
 
+if TYPE_CHECKING:  # jsonargparse (LightningCLI) reads these hints; importing lightning.pytorch.cli would import it
+    from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+    from torch.optim import Optimizer
+
 
 class LoRAFinetuneCallback(Callback):
     """Inject LoRA adapters at ``setup``, train only them, and checkpoint only them.
@@ -36,11 +39,11 @@ class LoRAFinetuneCallback(Callback):
     Args:
         config: the adapters to inject. ``None`` trains adapters the module already has (e.g. from
             ``load_adapter``).
-        optimizer: optional factory ``params -> Optimizer`` (a Hydra ``_partial_`` fits); when given,
-            the callback builds the optimizer over the trainable parameters instead of the module's
-            ``configure_optimizers``.
-        lr_scheduler: optional factory ``optimizer -> LRScheduler`` (or a Lightning scheduler dict),
-            used with ``optimizer``.
+        optimizer: optional factory ``params -> Optimizer`` (``functools.partial``, a Hydra ``_partial_`` node, or
+            in a LightningCLI YAML an optimizer's ``class_path`` and ``init_args``); when given, the callback builds
+            the optimizer over the trainable parameters instead of the module's ``configure_optimizers``.
+        lr_scheduler: optional factory ``optimizer -> LRScheduler`` (stepped once per epoch), or ``optimizer ->``
+            a Lightning scheduler dict (e.g. ``{"scheduler": ..., "interval": "step"}``); used with ``optimizer``.
         adapter_name: the adapter to inject (or, with ``config=None``, the existing one) and train; the
             module's other adapters stay frozen.
         loraplus_lr_ratio: LoRA+: the ``B`` matrices learn at ``ratio`` times the learning rate of the rest
@@ -55,17 +58,18 @@ class LoRAFinetuneCallback(Callback):
     tolerates the absent base weights. Whatever the module's optimizer was given, it ends up holding
     only trainable parameters. After injection the fused paths of `fused.install_fused_paths` go in (q/k/v and
     gated MLPs as single nodes where their structure fits; one info line says what was not fused); teardown takes
-    them out. One Trainer takes one such callback.
+    them out. One Trainer takes one such callback. Every argument can be set from a LightningCLI YAML file
+    (``trainer.callbacks``; the extra ``cli``), ``config`` as a mapping of `LoRAConfig` fields.
     """
 
     def __init__(
         self,
         config: LoRAConfig | None = None,
-        optimizer: Callable[[list[nn.Parameter]], Optimizer] | None = None,
-        lr_scheduler: Callable[[Optimizer], Any] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | Callable[[Optimizer], dict[str, Any]] | None = None,
         adapter_name: str = "default",
         loraplus_lr_ratio: float | None = None,
-        kernels: str = "none",
+        kernels: Literal["none", "liger"] = "none",
     ) -> None:
         if config is not None and not isinstance(config, LoRAConfig):
             raise TypeError(
