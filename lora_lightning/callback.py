@@ -132,7 +132,6 @@ class LoRAFinetuneCallback(Callback):
         if trainer.is_global_zero:
             check_checkpoint_dirs_writable(trainer)
         summary = param_summary(pl_module)
-        rank_zero_info(f"LoRAFinetuneCallback: {summary}")
         for logger in trainer.loggers:
             logger.log_hyperparams(
                 {
@@ -168,8 +167,8 @@ class LoRAFinetuneCallback(Callback):
             adapting = find_targets(pl_module, self.config, self.adapter_name) if injecting else []
             apply_kernels(pl_module, self.kernels, adapting)
         report = prepare_adapter(pl_module, self.config, self.adapter_name)
-        if report is not None:
-            rank_zero_info(f"LoRAFinetuneCallback: {report}")
+        # one line: the injection report (which already counts the parameters), or the counts where none was made
+        rank_zero_info(f"LoRAFinetuneCallback: {report if report is not None else param_summary(pl_module)}")
         make_checkpoints_adapter_only(pl_module, self.config)
         install_fused_paths(pl_module, self.kernels)
 
