@@ -191,12 +191,13 @@ def inject_into_a_norm_layer(tmp, mp):
     return model, lambda: inject_lora(model, LoRAConfig(r=2, target_modules=["norm"]))
 
 
-@case(TargetError, "layer 'conv'", "groups=1, dilation=1 and padding_mode='zeros' only", "'groups': 2")
-def inject_into_a_grouped_conv(tmp, mp):
+@case(TargetError, "layer 'conv'", "groups=2 takes ranks that are multiples of 2", "not r=3", "rank_pattern")
+def inject_into_a_grouped_conv_with_an_odd_rank(tmp, mp):
+    """Grouped convolutions take LoRA as in PEFT: B is grouped, so r must be a multiple of the groups."""
     model = nn.Sequential()
     model.add_module("conv", nn.Conv2d(4, 8, 3, groups=2))
     model.add_module("head", nn.Linear(8, 2))
-    return model, lambda: inject_lora(model, LoRAConfig(r=2, target_modules=["conv"]))
+    return model, lambda: inject_lora(model, LoRAConfig(r=3, target_modules=["conv"]))
 
 
 @case(TargetError, "leaves no layer to adapt", "none (the model has no layer of a supported type")
@@ -318,7 +319,8 @@ def load_config_use_rslora_is_a_string(tmp, mp):
 @case(
     AdapterFormatError,
     "{tmp}/adapter/adapter_config.json",
-    "init_lora_weights='loftq': must be one of kaiming, gaussian, pissa, pissa_niter_<k> (k <= 64), olora",
+    "init_lora_weights='loftq': LoftQ init is not implemented",
+    "must be one of kaiming, gaussian, pissa, pissa_niter_<k> (k <= 64), olora",
 )
 def load_config_init_we_do_not_implement(tmp, mp):
     """The file's init is checked by LoRAConfig's own rule (one list of inits), and named by PEFT's key."""
@@ -692,7 +694,12 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 
 def base_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k.replace(".base_layer", ""): v.clone() for k, v in module.state_dict().items() if ".lora_" not in k}
+    """The base model's tensors by their names before injection (a modules_to_save original is the base)."""
+    return {
+        k.replace(".base_layer", "").replace(".original_module", ""): v.clone()
+        for k, v in module.state_dict().items()
+        if ".lora_" not in k and ".modules_to_save." not in k
+    }
 
 
 def test_the_table_has_at_least_30_cases():
