@@ -130,7 +130,7 @@ def read_peft_config(data: bytes, file: Path) -> dict[str, Any]:
         problems.append(f"fan_in_fan_out={peft['fan_in_fan_out']!r}: must be true or false (a bool)")
     for key, method in RESEARCH_FIELDS.items():
         if not is_off(peft.get(key)):
-            problems.append(f"{key}={_shown(peft[key])}: {method}, which lora-lightning does not implement")
+            problems.append(f"{key}={_shown(peft[key])}: {method}, which is not implemented by lora-lightning")
     values = from_peft(peft, LOADED_FIELDS)
     for field, value in values.items():
         problems += field_problems(field, value, shown_as=PEFT_KEYS[field])

@@ -37,6 +37,7 @@ class LoRALayer(AdapterModule):
     def __init__(self, base_layer: nn.Module, spec: AdapterSpec | None = None, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.train(base_layer.training)  # a layer injected into a model in eval mode runs in eval mode
         for attr in self.adapter_attrs:
             setattr(self, attr, self.factor_container())
         self.lora_dropout = nn.ModuleDict()
@@ -90,7 +91,7 @@ class LoRALayer(AdapterModule):
         for attr, factor in zip(self.adapter_attrs, self._new_factors(self._factor_base(), spec, factory), strict=True):
             self._container(attr)[name] = factor
         applies = spec.dropout > 0 and self._input_dropout
-        self.lora_dropout[name] = nn.Dropout(spec.dropout) if applies else nn.Identity()
+        self.lora_dropout[name] = (nn.Dropout(spec.dropout) if applies else nn.Identity()).train(self.training)
         self.specs[name] = spec
         self._init_adapter(name)
         if spec.use_dora:

@@ -26,6 +26,7 @@ class ModulesToSave(AdapterModule):
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
+        self.train(module.training)
 
     @property
     def wrapped(self) -> nn.Module:

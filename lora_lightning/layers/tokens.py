@@ -27,7 +27,8 @@ class TrainableTokens(AdapterModule):
         self.base_layer = base_layer
         self.trainable_tokens_delta = nn.ParameterDict()
         self.token_indices: dict[str, list[int]] = {}
-        object.__setattr__(self, "tied_to", tied_to)  # not a submodule: the embedding's wrapper holds the rows
+        object.__setattr__(self, "tied_to", tied_to)
+        self.train(base_layer.training)  # not a submodule: the embedding's wrapper holds the rows
 
     @property
     def wrapped(self) -> nn.Module:
