@@ -70,7 +70,7 @@ class InjectionReport:
 @dataclass(frozen=True)
 class _Plan:
     targets: list[str]
-    parameters: dict[str, list[str]]  # module -> its parameters that get adapters, in nesting order
+    parameters: dict[str, list[str]]  # module -> its parameters that get adapters, innermost first
     saved: list[tuple[str, ...]]  # modules_to_save, in groups copied together (tied weights stay tied)
     tokens: dict[str, list[int]]  # embedding -> the rows trainable_token_indices trains
     tied_tokens: dict[str, str]  # module tied to such an embedding -> the embedding
@@ -165,7 +165,7 @@ def planned_tensors(
         add(name, kind.__name__, kind.adapter_shapes(modules[name], config.spec_for(canonical_name(name))))
     for name, parameters in plan.parameters.items():
         chain = _parameter_chain(model.get_submodule(name))
-        chain = [p for p in reversed(parameters) if p not in chain] + chain  # new wrappers go outside, sorted
+        chain = [p for p in reversed(parameters) if p not in chain] + chain  # new wrappers go outside, in order
         for depth, parameter in enumerate(chain):
             if parameter in parameters:
                 spec = config.spec_for(canonical_name(f"{name}.{parameter}"))
@@ -362,7 +362,7 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
         targets = [n for n in targets if n not in excluded]
     in_saved = [n for n in targets if n in inside_saved]
     targets = [n for n in targets if n not in inside_saved]
-    parameters = parameter_targets(modules, config, set(targets), problems)
+    parameters = parameter_targets(modules, config.target_parameters, set(targets), problems)
     parameters = {n: p for n, p in parameters.items() if n not in inside_saved}
 
     if not targets and not parameters and not problems:

@@ -50,6 +50,7 @@ from lora_lightning.peft_format import (
     WEIGHTS_NAME,
     split_key,
 )
+from lora_lightning.selection import parameter_targets
 
 MAX_CONFIG_BYTES = 16 * 2**20  # PEFT's adapter_config.json files are a few kB
 
@@ -216,12 +217,12 @@ def _config_for(
     resolved against the model's own module names only (a name only in the file is reported by `_check_fit`)."""
     tops = {_top(m) for m, held in by_module.items() if m and _is_lora(held)}
     parameters = values["target_parameters"]
+    owners = {canonical_name(n) for n in parameter_targets(_visible_modules(model), parameters, set(), [])}
     targets = [
         names[t]
-        for t in sorted(tops)
+        for t in sorted(tops - owners)
         if t in names
         and t in visible
-        and not _owns(t, parameters)
         and lora_layer_type(innermost(model.get_submodule(names[t]))) is not None  # else _check_fit says why
     ]
     if not targets and not parameters:
@@ -237,12 +238,6 @@ def _config_for(
         modules_to_save=saved or None,
         target_parameters=parameters,
     )
-
-
-def _owns(module: str, parameters: list[str] | None) -> bool:
-    """Whether ``target_parameters`` names a parameter of ``module`` (as the whole name or a dotted suffix)."""
-    keys = [(f"{module}.{p.rsplit('.', 1)[-1]}", p) for p in parameters or ()]
-    return any(key == p or key.endswith(f".{p}") for key, p in keys)
 
 
 def _top(module: str) -> str:

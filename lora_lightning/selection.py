@@ -92,14 +92,15 @@ def saved_groups(
 
 
 def parameter_targets(
-    modules: dict[str, nn.Module], config: LoRAConfig, excluded: set[str], problems: list[str]
+    modules: dict[str, nn.Module], entries: list[str] | None, excluded: set[str], problems: list[str]
 ) -> dict[str, list[str]]:
-    """``{module: [parameter, ...]}`` (sorted: PEFT's nesting order) of ``target_parameters``: a module's own
+    """``{module: [parameter, ...]}`` (in the order the module registers them: PEFT's nesting order, the first
+    innermost) of ``target_parameters``: a module's own
     parameter ``<module>.<name>`` matches an entry that is it or a dotted suffix of it. Modules that ``target_modules``
     adapts (``excluded``) cannot also have adapted parameters."""
-    if not config.target_parameters:
+    if not entries:
         return {}
-    matches = name_matcher(config.target_parameters)
+    matches = name_matcher(entries)
     found: dict[str, list[str]] = {}
     covered: set[str] = set()
     for name, module in modules.items():
@@ -108,7 +109,7 @@ def parameter_targets(
             if matches(key):
                 found.setdefault(name, []).append(param_name)
                 covered.update(dotted_suffixes(key))
-    unmatched = [entry for entry in config.target_parameters if entry not in covered]
+    unmatched = [entry for entry in entries if entry not in covered]
     if unmatched:
         problems.append(f"target_parameters: {unmatched} match no parameter of the model's modules")
     both = sorted(set(found) & excluded)
@@ -116,7 +117,7 @@ def parameter_targets(
         problems.append(
             f"target_parameters: {both} are adapted by target_modules too; a module takes one or the other (as in PEFT)"
         )
-    return {name: sorted(params) for name, params in found.items() if name not in excluded}
+    return {name: params for name, params in found.items() if name not in excluded}
 
 
 def token_targets(

@@ -38,8 +38,8 @@ class LoRAParameter(LoRALayer):
       ``ΔP[e] = B[:, e::E] A[e r:(e + 1) r]`` (``A``'s rows by expert, ``B``'s columns interleaved); with the
       module's ``is_transposed`` set, ``in = d1``, ``out = d2`` and ``ΔP[e] = (B[:, e::E] A[e r:(e + 1) r])^T``.
 
-    ``r`` and ``alpha`` are per expert. Several parameters of one module nest, one wrapper each, the first in
-    sorted order innermost (PEFT's order, so its file keys are ``<module>.base_layer.lora_A.weight`` and so on).
+    ``r`` and ``alpha`` are per expert. Several parameters of one module nest, one wrapper each, the one the module
+    registers first innermost (PEFT's order, so its file keys are ``<module>.base_layer.lora_A.weight`` and so on).
     """
 
     _input_dropout = False
@@ -117,10 +117,10 @@ class LoRAParameter(LoRALayer):
         return torch.einsum(f"o r e, e r i -> {layout}", per_expert_b, per_expert_a)
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if self.sample_adapters is not None and not self.disabled:
+        if self.sample_adapters is not None and set(self.sample_adapters) & set(self.specs) and not self.disabled:
             raise ValueError(f"per-sample adapters: {self.sample_problem(set())}")
         name = self.active_adapter
-        if self.disabled or self.merged or name not in self.specs:
+        if self.disabled or self.merged or name not in self.specs or self.sample_adapters is not None:
             return self.base_layer(x, *args, **kwargs)
         weight = self.target().weight
         updated = weight + self.specs[name].scaling * self._product(name, weight.dtype)
