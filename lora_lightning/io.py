@@ -463,4 +463,21 @@ def _check_copies(
         absent = sorted(k for k in needed if f"{owner}.{k}" not in extra)
         if absent:
             problems.append(f"{owner}: modules_to_save tensors {absent} are not in the file")
+    if values["ensure_weight_tying"]:  # tied copies are one tensor: the file must give it one value
+        problems += _tie_problems(model, saved, names, extra)
     return base_keys
+
+
+def _tie_problems(
+    model: nn.Module, saved: dict[str, dict[str, tuple[int, ...]]], names: dict[str, str], extra: dict[str, torch.Tensor]
+) -> list[str]:
+    keys_of: dict[int, list[str]] = {}
+    for owner in saved:
+        for key, tensor in innermost(model.get_submodule(names[owner])).state_dict(keep_vars=True).items():
+            keys_of.setdefault(id(tensor), []).append(f"{owner}.{key}")
+    problems = []
+    for keys in keys_of.values():
+        present = [k for k in keys if k in extra]
+        if any(not torch.equal(extra[k], extra[present[0]]) for k in present[1:]):
+            problems.append(f"{present}: tied in the model (ensure_weight_tying), but the file's tensors differ")
+    return problems
