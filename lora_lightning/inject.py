@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from lora_lightning import quant
@@ -39,7 +36,17 @@ from lora_lightning.params import (
     tied_parameter_ids,
 )
 from lora_lightning.peft_format import TOKENS_KEY, split_key
-from lora_lightning.selection import layer_filter, parameter_targets, saved_groups, select, token_targets
+from lora_lightning.selection import (
+    in_attention,
+    input_embeddings,
+    layer_filter,
+    overlap_problems,
+    parameter_targets,
+    saved_groups,
+    select,
+    token_targets,
+)
+from lora_lightning.sizing import size_problems
 
 
 class TargetError(ValueError):
@@ -332,12 +339,12 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
     inside_saved = {n for n in modules if any(is_within(n, s) for s in saved)}
     groups, tied_left_out = saved_groups(saved, modules, config.ensure_weight_tying)
     saved = [name for group in groups for name in group]
-    tokens, tied_tokens = token_targets(modules, _input_embeddings(model), config, problems)
+    tokens, tied_tokens = token_targets(modules, input_embeddings(model), config, problems)
 
     left_out = []
     if config.target_modules == ALL_LINEAR:
         heads = output_heads(model)
-        linears = [n for n, m in modules.items() if lora_layer_type(m) is LoRALinear and not _in_attention(modules, n)]
+        linears = [n for n, m in modules.items() if lora_layer_type(m) is LoRALinear and not in_attention(modules, n)]
         targets = [n for n in linears if n not in heads]
         left_out = [n for n in linears if n in heads]
     elif config.target_modules is not None:
@@ -349,7 +356,7 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
             problems.append(
                 f"target_modules selects layers of unsupported types: {unsupported}; supported: {SUPPORTED_LAYERS}"
             )
-        inside_attention = [n for n in targets if _in_attention(modules, n)]
+        inside_attention = [n for n in targets if in_attention(modules, n)]
         if inside_attention:
             problems.append(
                 f"target_modules selects {inside_attention}, which nn.MultiheadAttention reads as weights without "
@@ -368,7 +375,7 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
     if not targets and not parameters and not problems:
         why = f" (modules_to_save={saved} holds {in_saved}, which are trained in full instead)" if in_saved else ""
         problems.append(f"target_modules={config.target_modules!r} leaves no layer to adapt{why}")
-    problems += _overlap_problems(outer, set(targets) | set(parameters), set(saved), set(tokens) | set(tied_tokens))
+    problems += overlap_problems(outer, set(targets) | set(parameters), set(saved), set(tokens) | set(tied_tokens))
     sized = []
     for name in targets:
         kind = lora_layer_type(modules[name])
@@ -383,8 +390,8 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
                 f"parameter {spec_name!r}: {p}" for p in LoRAParameter.problems(base, config.spec_for(spec_name))
             ]
             sized.append((spec_name, LoRAParameter, base, spec_name))
-    size_problems, wide_ranks = _size_problems(sized, config)
-    problems += size_problems
+    too_large, wide_ranks = size_problems(sized, config)
+    problems += too_large
     if problems:
         raise TargetError(
             "cannot inject LoRA:\n  - " + "\n  - ".join(problems) + f"\nadaptable layers: {_candidates(modules)}"
@@ -398,24 +405,6 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
         left_out,
         _notes(modules, targets, config, wide_ranks, saved, tied_left_out),
     )
-
-
-def _overlap_problems(outer: dict[str, nn.Module], adapted: set[str], saved: set[str], tokens: set[str]) -> list[str]:
-    """A module takes one of LoRA, ``modules_to_save`` and ``trainable_token_indices`` (also across adapters)."""
-    roles = {"LoRA": adapted, "modules_to_save": saved, "trainable_token_indices": tokens}
-    has = {LoRALayer: "LoRA", ModulesToSave: "modules_to_save", TrainableTokens: "trainable_token_indices"}
-    problems = []
-    for name, module in outer.items():
-        wanted = [role for role, names in roles.items() if name in names]
-        present = [role for kind, role in has.items() if isinstance(module, kind)]
-        both = list(dict.fromkeys(wanted + present))
-        if len(both) > 1:
-            problems.append(
-                f"{name!r} would take {' and '.join(both)}"
-                + (f" (it has {', '.join(present)} from another adapter)" if present else "")
-                + "; a module takes one of them (as in PEFT)"
-            )
-    return problems
 
 
 def _notes(
@@ -446,103 +435,6 @@ def _notes(
             "dropout does not apply to nn.MultiheadAttention's adapters, which act on its weights (as in PEFT)"
         )
     return notes
-
-
-def _in_attention(modules: dict[str, nn.Module], name: str) -> bool:
-    """Whether ``name`` is a projection inside an ``nn.MultiheadAttention`` (read as a weight, never called)."""
-    parent = name.rpartition(".")[0]
-    return parent in modules and isinstance(modules[parent], nn.MultiheadAttention)
-
-
-def _input_embeddings(model: nn.Module) -> list[str]:
-    """The input embeddings that Hugging Face models inside ``model`` report (``get_input_embeddings()``)."""
-    named = list(model.named_modules())
-    found = []
-    for _, module in named:
-        getter = getattr(module, "get_input_embeddings", None)
-        embedding = getter() if callable(getter) else None
-        if isinstance(embedding, nn.Module):
-            found += [
-                n for n, m in named if m is embedding or (isinstance(m, AdapterModule) and innermost(m) is embedding)
-            ]
-    return list(dict.fromkeys(n for n in found if n))
-
-
-def _size_problems(
-    sized: list[tuple[str, type[LoRALayer], Any, str]], config: LoRAConfig
-) -> tuple[list[str], list[str]]:
-    """Every target's adapter (``(name, layer type, base, name its spec is resolved for)``) sized from its shapes,
-    without allocating: the problems (adapters that cannot be built, or do not fit into the free memory of their
-    device; an SVD/QR init asking for more directions than the weight has) and the ranks above a layer's smaller side
-    (``"'name' r=20 (16 -> 32)"``), which only warn."""
-    problems, wide_ranks = [], []
-    sizes: dict[torch.device, list[tuple[int, str]]] = {}
-    shapes_of: dict[tuple, list[tuple[int, ...]]] = {}  # layers of one shape (most of a transformer) share theirs
-    for name, kind, base, spec_name in sized:
-        spec = config.spec_for(spec_name)
-        weight = kind.weight_of(base)
-        key = (kind, type(base), tuple(weight.shape), kind.features(base), spec)
-        try:
-            if key not in shapes_of:
-                shapes_of[key] = list(kind.adapter_shapes(base, spec).values())
-        except (RuntimeError, OverflowError, ValueError, TypeError) as err:
-            problems.append(f"layer {name!r}: an adapter with r={spec.r} cannot be built ({str(err).splitlines()[0]})")
-            continue
-        shapes = shapes_of[key]
-        # A is [r, in, ...] and B is [out, r, ...] for every layer type: the update's rank is at most min(in, out)
-        inputs, outputs = math.prod(shapes[0][1:]), shapes[1][0]
-        if spec.r > min(inputs, outputs):
-            wide_ranks.append(f"{name!r} r={spec.r} ({inputs} -> {outputs})")
-            if spec.init.startswith(("pissa", "olora")):
-                problems.append(
-                    f"layer {name!r}: init={spec.init!r} takes the top r={spec.r} singular directions of a "
-                    f"{inputs} -> {outputs} weight, which has {min(inputs, outputs)}; lower r there (rank_pattern)"
-                )
-        # adapters go where the base weight is, in its dtype (a 4-bit base's compute dtype)
-        dtype = quant.compute_dtype(base) if quant.is_quantized(base) else weight.dtype
-        size = sum(map(math.prod, shapes)) * dtype.itemsize
-        sizes.setdefault(weight.device, []).append((size, f"{name!r} r={spec.r}"))
-    return problems + _memory_problems(sizes), wide_ranks
-
-
-def free_bytes(device: torch.device) -> int | None:
-    """Memory that can still be allocated on ``device`` (``None``: unknown or unlimited, as on ``meta``)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            available = next(line for line in meminfo if line.startswith("MemAvailable:"))
-        return int(available.split()[1]) * 1024
-    except (OSError, StopIteration, ValueError, IndexError):
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-
-
-def _memory_problems(sizes: dict[torch.device, list[tuple[int, str]]]) -> list[str]:
-    """The adapters of each device (``(bytes, "'layer' r=...")``) must fit into what is free there."""
-    problems = []
-    for device, layers in sizes.items():
-        need, free = sum(n for n, _ in layers), free_bytes(device)
-        if free is not None and need > free:
-            largest = ", ".join(f"{what} ({_bytes(n)})" for n, what in sorted(layers, reverse=True)[:5])
-            problems.append(
-                f"the adapters need {_bytes(need)} on {device}, which has {_bytes(free)} free; the largest: "
-                f"{largest}; lower r (or rank_pattern) for these layers"
-            )
-    return problems
-
-
-def _bytes(n: float) -> str:
-    """``n`` bytes in decimal units, e.g. ``192.0 TB``."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} TB"
 
 
 def _visible_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -71,6 +71,18 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def outer_module(module: str) -> str:
+    """The module a file's LoRA layer belongs to: ``module`` up to a wrapper's ``base_layer`` segment
+    (``mha.base_layer.out_proj`` -> ``mha``)."""
+    parts = module.split(".")
+    return ".".join(parts[: parts.index(NESTED)]) if NESTED in parts else module
+
+
+def is_lora(held: Mapping[str, Any]) -> bool:
+    """Whether a module's tensors (by adapter key) include LoRA factors."""
+    return any(key in ADAPTER_KEYS for key in held)
+
+
 def is_off(value: Any) -> bool:
     """Whether a `RESEARCH_FIELDS` value leaves its method off."""
     return value is None or value is False or (isinstance(value, (dict, list)) and not value)

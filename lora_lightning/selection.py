@@ -11,6 +11,7 @@ from collections.abc import Callable
 from torch import nn
 
 from lora_lightning.config import LoRAConfig
+from lora_lightning.layers import AdapterModule, LoRALayer, ModulesToSave, TrainableTokens, innermost
 from lora_lightning.modules import dotted_suffixes, name_matcher
 
 # PEFT's layer-index rules: the first numbered segment after a list named by ``layers_pattern``, or, without one,
@@ -156,3 +157,41 @@ def token_targets(
             if partner not in by_module:
                 tied[partner] = name
     return by_module, tied
+
+
+def overlap_problems(outer: dict[str, nn.Module], adapted: set[str], saved: set[str], tokens: set[str]) -> list[str]:
+    """A module takes one of LoRA, ``modules_to_save`` and ``trainable_token_indices`` (also across adapters)."""
+    roles = {"LoRA": adapted, "modules_to_save": saved, "trainable_token_indices": tokens}
+    has = {LoRALayer: "LoRA", ModulesToSave: "modules_to_save", TrainableTokens: "trainable_token_indices"}
+    problems = []
+    for name, module in outer.items():
+        wanted = [role for role, names in roles.items() if name in names]
+        present = [role for kind, role in has.items() if isinstance(module, kind)]
+        both = list(dict.fromkeys(wanted + present))
+        if len(both) > 1:
+            problems.append(
+                f"{name!r} would take {' and '.join(both)}"
+                + (f" (it has {', '.join(present)} from another adapter)" if present else "")
+                + "; a module takes one of them (as in PEFT)"
+            )
+    return problems
+
+
+def in_attention(modules: dict[str, nn.Module], name: str) -> bool:
+    """Whether ``name`` is a projection inside an ``nn.MultiheadAttention`` (read as a weight, never called)."""
+    parent = name.rpartition(".")[0]
+    return parent in modules and isinstance(modules[parent], nn.MultiheadAttention)
+
+
+def input_embeddings(model: nn.Module) -> list[str]:
+    """The input embeddings that Hugging Face models inside ``model`` report (``get_input_embeddings()``)."""
+    named = list(model.named_modules())
+    found = []
+    for _, module in named:
+        getter = getattr(module, "get_input_embeddings", None)
+        embedding = getter() if callable(getter) else None
+        if isinstance(embedding, nn.Module):
+            found += [
+                n for n, m in named if m is embedding or (isinstance(m, AdapterModule) and innermost(m) is embedding)
+            ]
+    return list(dict.fromkeys(n for n in found if n))

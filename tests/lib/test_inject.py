@@ -10,9 +10,9 @@ from lora_lightning import (
     TargetError,
     adapter_parameters,
     find_targets,
-    inject,
     inject_lora,
     merge_lora,
+    sizing,
     unload_lora,
 )
 from lora_lightning.layers import ModulesToSave
@@ -113,7 +113,7 @@ def test_the_adapter_bytes_are_checked_against_the_free_memory_of_their_device(m
     `free_bytes` reports: one byte short is refused before any change, enough passes."""
     need = 4 * 4 * (16 + 32 + 32 + 32)
     for free, refused in ((need - 1, True), (need, False)):
-        monkeypatch.setattr(inject, "free_bytes", lambda device, free=free: free)
+        monkeypatch.setattr(sizing, "free_bytes", lambda device, free=free: free)
         model = make_mlp()
         before = snapshot(model)
         if refused:
