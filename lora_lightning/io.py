@@ -47,6 +47,7 @@ from lora_lightning.peft_format import (
     CARD_NAME,
     CONFIG_NAME,
     PEFT_PREFIX,
+    TASK_TYPES,
     WEIGHTS_NAME,
     is_lora,
     outer_module,
@@ -68,15 +69,22 @@ def save_adapter(
     adapter_name: str | None = None,
     overwrite: bool = False,
     base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` (the active one by default) of ``model`` as a PEFT folder at ``path``.
     Keys are relative to ``model``: pass the module PEFT will wrap (e.g. the Hugging Face model inside a
-    LightningModule). ``state_dict`` (keyed like ``model.state_dict()``) supplies the tensors instead of the
-    model's own, e.g. the full tensors an FSDP strategy gathered from the ranks' shards."""
+    LightningModule). ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"`` or ``"SEQ_CLS"``) tells
+    ``PeftModel.from_pretrained`` which task model to build. ``state_dict`` (keyed like ``model.state_dict()``)
+    supplies the tensors instead of the model's own, e.g. the full tensors an FSDP strategy gathered from the
+    ranks' shards."""
     path = Path(path)
     _check_adapter_name("save_adapter", adapter_name, optional=True)
     base_model_name_or_path = _base_model_name(base_model_name_or_path)
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise AdapterFormatError(
+            f"save_adapter(task_type={task_type!r}): must be None or one of PEFT's task types {list(TASK_TYPES)}"
+        )
     if adapter_name is None:
         adapter_name = active_adapter(model) if list(lora_layers(model)) else None
     layers = list(lora_layers(model, adapter_name)) if adapter_name else []
@@ -103,7 +111,7 @@ def save_adapter(
             f"save_adapter: {str(path)!r} holds other files {foreign[:5]}; overwrite=True replaces the whole "
             "folder, so it only replaces adapter folders; choose an empty or new path"
         )
-    config = peft_config(model, adapter_name, base_model_name_or_path)
+    config = peft_config(model, adapter_name, base_model_name_or_path) | {"task_type": task_type}
     full = None if state_dict is None else {canonical_name(k): v for k, v in state_dict.items()}
     own = {  # model key -> (file key, the model's own tensor)
         canonical_name(key): (canonical_name(file_key), tensor)
@@ -163,7 +171,7 @@ def load_adapter(
         # the model has the adapter: its tensors are replaced, and modules_to_save it lacks are adopted (so that a
         # load -> save cycle keeps them)
         planned = _existing_tensors(model, adapter_name)
-        adopted = [n for n in config.modules_to_save or [] if canonical_name(n) not in planned]
+        adopted = [names[n] for n in config.modules_to_save or [] if n not in planned]
         planned |= {canonical_name(n): ("modules_to_save", saved_shapes(model, n)) for n in adopted}
         config = None
     else:
@@ -223,7 +231,7 @@ def _config_for(
     parameters = values["target_parameters"]
     owners = {canonical_name(n) for n in parameter_targets(_visible_modules(model), parameters, set(), [])}
     targets = [
-        names[t]
+        t
         for t in sorted(tops - owners)
         if t in names
         and t in visible
@@ -235,7 +243,7 @@ def _config_for(
             f"is in the model (e.g. {sorted(tops)[:3]})"
         )
     is_saved = name_matcher(values["modules_to_save"] or [])
-    saved = [names[n] for n in sorted(visible) if is_saved(n)]  # PEFT's task lists name heads a model may lack
+    saved = [n for n in sorted(visible) if is_saved(n)]  # PEFT's task lists name heads a model may lack
     return LoRAConfig(
         **{k: v for k, v in values.items() if k not in ("modules_to_save", "target_parameters")},
         target_modules="|".join(re.escape(t) for t in targets) if targets else None,

@@ -22,6 +22,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
 ADAPTER_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, CARD_NAME})
 PEFT_PREFIX = "base_model.model."
+# PEFT's ``task_type`` values: which ``PeftModel`` subclass (and head) ``PeftModel.from_pretrained`` builds.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # What a LoRA layer's adapter holds in a PEFT file, after the module name.
 ADAPTER_KEYS = (
     "lora_A.weight",

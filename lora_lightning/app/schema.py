@@ -82,12 +82,22 @@ class PathsSchema:
 
 
 @dataclass
+class SweepSchema:
+    seeds: int = 1  # repeat every trial of a -m grid over this many seeds (seed, seed+1, ...)
+
+
+@dataclass
 class TrainSchema:
     model: Any = MISSING
     data: Any = MISSING
     lora: LoRASchema = field(default_factory=LoRASchema)  # type: ignore[valid-type]
     optimizer: Any = MISSING
     loraplus_lr_ratio: Optional[float] = None  # noqa: UP045
+    quant: Optional[str] = None  # noqa: UP045
+    quant_dtype: str = "bfloat16"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    kernels: str = "none"
     scheduler: Any = None
     trainer: Any = MISSING
     logger: Any = None
@@ -102,7 +112,10 @@ class TrainSchema:
     log_adapter_artifact: bool = False
     optimized_metric: Optional[str] = None  # noqa: UP045
     ckpt_path: Optional[str] = None  # noqa: UP045
+    adapter_path: Optional[str] = None  # noqa: UP045
+    print_config: bool = True
     tags: List[str] = field(default_factory=list)  # noqa: UP006
+    sweep: SweepSchema = field(default_factory=SweepSchema)
 
 
 def register() -> None:

@@ -28,7 +28,7 @@ WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run")
 _NOT_IN_NAME = re.compile(
     r"(hydra|paths|logger|callbacks|launcher|sweep)(\..*)?|"
     r"trainer\.(fast_dev_run|limit_\w+|accelerator|devices|num_nodes|enable_\w+|log_every_n_steps|default_root_dir)|"
-    r"data\.(num_workers|cache_dir|\w*_file)|task_name|tags|save_adapter|log_adapter_artifact|eval_before"
+    r"data\.(num_workers|cache_dir|\w*_file)|task_name|tags|save_adapter|log_adapter_artifact|eval_before|print_config|debug"
 )
 _SHORT = {"lora.r": "r", "lora.alpha": "a", "lora.dropout": "d", "optimizer.lr": "lr", "seed": "seed"}
 _FIRST = ("lora.r", "lora.alpha")
@@ -85,7 +85,7 @@ def _short_number(value: str) -> str:
 def swept_keys(sweeper_params: Any = None, argv: Sequence[str] | None = None) -> list[str]:
     """The keys a multirun varies: those of ``hydra.sweeper.params`` and those given on the command line
     with sweep syntax (``lora.r=4,8``, ``range(...)``, ``choice(...)``, ...)."""
-    keys = [str(k) for k in (sweeper_params or {})]
+    keys = [str(k) for k, v in (sweeper_params or {}).items() if _is_sweep(str(v))]
     for arg in sys.argv[1:] if argv is None else argv:
         key, sep, value = arg.lstrip("+~").partition("=")
         if sep and not arg.startswith("-") and _is_sweep(value) and key not in keys:
@@ -112,16 +112,28 @@ def _is_sweep(value: str) -> bool:
 
 
 def _subdir_name(overrides: Sequence[str], job_num: Any = None, sweeper_params: Any = None) -> str:
-    return run_name(overrides, job_num, swept_keys(sweeper_params))
+    """A job's folder name. A sweeper parameter with one value (``seed`` under ``sweep.seeds=1``) names nothing."""
+    fixed = {str(k) for k, v in (sweeper_params or {}).items() if not _is_sweep(str(v))}
+    kept = [o for o in overrides if str(o).lstrip("+~").partition("=")[0] not in fixed]
+    return run_name(kept, job_num, swept_keys(sweeper_params))
+
+
+def seed_values(seed: int | None, seeds: int) -> str:
+    """The sweeper's value for ``seed`` under ``sweep.seeds``: ``42, 3`` -> ``"42,43,44"`` (one value: no sweep)."""
+    if seeds < 1:
+        raise ValueError(f"sweep.seeds={seeds}: must be at least 1")
+    if seed is None:
+        return "null" if seeds == 1 else ",".join(str(i) for i in range(seeds))
+    return ",".join(str(seed + i) for i in range(seeds))
 
 
 OmegaConf.register_new_resolver("run_name", _subdir_name, replace=True)
+OmegaConf.register_new_resolver("seeds", seed_values, replace=True)
 
 
 def run_info(cfg: DictConfig) -> RunInfo:
     """Name, group and folder of the current job (also outside Hydra, e.g. in tests)."""
-    overrides: list[str] = []
-    multirun, group, swept = False, None, []
+    name, multirun, group = "", False, None
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         overrides = list(hydra_cfg.overrides.task)
@@ -129,8 +141,10 @@ def run_info(cfg: DictConfig) -> RunInfo:
         sweep_dir = os.environ.get(SWEEP_DIR_ENV) if not multirun else str(Path(hydra_cfg.runtime.output_dir).parent)
         if sweep_dir:  # every job of a sweep (also one the gpu_pool launcher started) is in the sweep's group
             group = f"{cfg.task_name}-{Path(sweep_dir).name}"
-            swept = swept_keys(OmegaConf.select(hydra_cfg, "sweeper.params"))
-    name = run_name(overrides, swept=swept) or f"r{cfg.lora.r}_a{cfg.lora.alpha:g}"
+            name = _subdir_name(overrides, sweeper_params=OmegaConf.select(hydra_cfg, "sweeper.params"))
+        else:
+            name = run_name(overrides)
+    name = name or f"r{cfg.lora.r}_a{cfg.lora.alpha:g}"
     return RunInfo(name=name, group=group, output_dir=Path(cfg.paths.output_dir), multirun=multirun)
 
 
@@ -142,7 +156,11 @@ def build_loggers(cfg: DictConfig, info: RunInfo) -> list[Logger]:
         if node is None:
             continue
         if issubclass(get_class(node._target_), WandbLogger):
-            loggers.append(instantiate(node, **_wandb_settings(node, info)))
+            logger = instantiate(node, **_wandb_settings(node, info))
+            # Lightning always passes anonymous=None to wandb.init, which W&B answers with a deprecation notice
+            if logger._wandb_init.get("anonymous", "") is None:
+                del logger._wandb_init["anonymous"]
+            loggers.append(logger)
         else:
             loggers.append(instantiate(node))
         log.debug("logger %s: %s", key, type(loggers[-1]).__name__)

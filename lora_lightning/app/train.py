@@ -24,12 +24,13 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
-from lora_lightning import LoRAConfig, LoRAFinetuneCallback, param_summary, save_adapter
-from lora_lightning.app import schema, tracking
+from lora_lightning import LoRAConfig, LoRAFinetuneCallback, find_targets, load_adapter, param_summary, save_adapter
+from lora_lightning.app import console, schema, switches, throughput, tracking
+from lora_lightning.app.resume import LoaderPosition
 from lora_lightning.app.runstats import RunStats
 from lora_lightning.files import write_text_atomically
 
@@ -54,39 +55,45 @@ schema.register()
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one fine-tune as configured; see the module docstring."""
     started = time.perf_counter()
-    schema.check_config(cfg)
-    lora_config = LoRAConfig.from_dict(lora_fields(cfg.lora))
+    console.quiet()
+    check_launch(cfg)
+    lora_config = with_new_modules(LoRAConfig.from_dict(lora_fields(cfg.lora)), new_modules_of(cfg.model))
     info = tracking.run_info(cfg)
     info.output_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"run_name": info.name, "group": info.group, "status": "running"}
-    metrics.update(r=lora_config.r, alpha=lora_config.alpha, pid=os.getpid(), host=socket.gethostname())
+    metrics.update(r=lora_config.r, alpha=lora_config.alpha, seed=cfg.seed, tags=list(cfg.tags))
+    metrics.update(pid=os.getpid(), host=socket.gethostname())
     write_metrics(info.output_dir / METRICS_FILE, metrics)  # a trial killed mid-run is told from one never started
-    objects: dict[str, Any] = {"cfg": cfg}
+    objects: dict[str, Any] = {"cfg": cfg, "lora_config": lora_config}
     failed = True
     try:
         if cfg.seed is not None:
-            pl.seed_everything(cfg.seed, workers=True)
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        stats = RunStats()
+        extra = [stats, LoaderPosition(), console.LoRASummary(lora_config)]
+        trainer = objects["trainer"] = build_trainer(cfg, None if cfg.adapter_path else lora_config, extra)
+        refuse_ranks_in_a_shared_sweep_process(trainer)  # before any model or logger exists
+
         module = objects["module"] = instantiate(cfg.model)
         datamodule = objects["datamodule"] = instantiate(cfg.data, tokenizer=module.tokenizer)
         check_task_fit(module, datamodule)
-        lora_config = objects["lora_config"] = with_new_modules(lora_config, getattr(module, "new_modules", ()))
+        prepare_network(cfg, module, lora_config)
         metric_name, mode = objective(cfg, module)
         metrics.update(metric_name=metric_name, metric_mode=mode)
 
-        loggers = objects["loggers"] = tracking.build_loggers(cfg, info)
-        stats = RunStats()
-        trainer = objects["trainer"] = build_trainer(cfg, lora_config, loggers, [stats])
-        refuse_ranks_in_a_shared_sweep_process(trainer)
+        loggers = objects["loggers"] = tracking.build_loggers(cfg, info)  # only now: a config error leaves no run
+        trainer.loggers = loggers
         tracking.log_config(loggers, cfg, {"run_name": info.name, "lora_effective": lora_config.to_dict()})
 
-        if cfg.eval_before:
-            metrics["before"] = evaluate(trainer, module, datamodule)
+        if cfg.eval_before:  # of the weights training starts from: the checkpoint's when resuming
+            metrics["before"] = evaluate(trainer, module, datamodule, cfg.ckpt_path)
             report(trainer, f"held-out {metric_name} before training", metrics["before"], metric_name)
         if cfg.train:
             fit_started = time.perf_counter()
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             metrics["train_time_s"] = round(time.perf_counter() - fit_started, 2)
-            metrics.update(stats.summary())
+            metrics.update(stats.summary(), global_step=trainer.global_step)
+            metrics.update(throughput.summary(trainer.logged_metrics, trainer.world_size))
         if cfg.eval_after:
             metrics["after"] = evaluate(trainer, module, datamodule, None if cfg.train else cfg.ckpt_path)
             report(trainer, f"held-out {metric_name} after training", metrics["after"], metric_name)
@@ -94,22 +101,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics["params"] = trainable_counts(module)
 
         if cfg.save_adapter and cfg.train:
-            adapter_dir = info.output_dir / ADAPTER_DIR
-            # Every rank joins the gather of a sharded strategy (FSDP); rank 0 gets the full tensors.
-            state = trainer.strategy.lightning_module_state_dict()
-            if trainer.is_global_zero:
-                prefix = "model."
-                save_adapter(
-                    module.model,
-                    adapter_dir,
-                    overwrite=True,
-                    base_model_name_or_path=module.base_model_name_or_path,
-                    state_dict={k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
-                )
-                log.info("adapter saved to %s (PEFT format; load with lora_lightning.load_adapter)", adapter_dir)
-            metrics["adapter_dir"] = str(adapter_dir)
+            metrics["adapter_dir"] = str(save_run_adapter(trainer, module, info.output_dir / ADAPTER_DIR))
             if cfg.log_adapter_artifact:
-                tracking.log_adapter_artifact(loggers, adapter_dir, info.name)
+                tracking.log_adapter_artifact(loggers, info.output_dir / ADAPTER_DIR, info.name)
         tracking.log_summary(loggers, summary_values(metrics))
         metrics["status"] = "ok"
         failed = False
@@ -124,14 +118,67 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         gc.collect()  # the next job of an in-process multirun starts from a cleaner heap
 
 
+def check_launch(cfg: DictConfig) -> None:
+    """The checks that need nothing built: the schema and the switches' values (`schema.ConfigError`)."""
+    schema.check_config(cfg)
+    try:
+        switches.check(cfg.quant, cfg.kernels)
+    except ValueError as err:
+        raise schema.ConfigError(f"invalid config:\n  - {err}") from None
+
+
+def new_modules_of(model_cfg: DictConfig) -> tuple[str, ...]:
+    """The modules a task creates from scratch (its class says, e.g. a classifier head), known before building."""
+    return tuple(getattr(get_class(model_cfg._target_), "new_modules", ()))
+
+
+def prepare_network(cfg: DictConfig, module: pl.LightningModule, lora_config: LoRAConfig) -> None:
+    """The switches on the task's network, a saved adapter if evaluating one, and the target check (before
+    any logger starts): the LoRA callback injects into this network at ``setup``."""
+    for note in switches.apply(module.model, cfg.quant, cfg.gradient_checkpointing, cfg.quant_dtype):
+        log.info(note)
+    if cfg.adapter_path:
+        load_adapter(module.model, cfg.adapter_path)
+        log.info("adapter loaded from %s", cfg.adapter_path)
+    else:
+        find_targets(module, lora_config)  # a TargetError naming the layers that could be adapted
+    if cfg.compile:
+        switches.compile_network(module)
+
+
+def save_run_adapter(trainer: pl.Trainer, module: pl.LightningModule, adapter_dir: Path) -> Path:
+    """The PEFT folder, written by global rank 0. Every rank joins the gather of a sharded strategy (FSDP)."""
+    state = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        prefix = "model."
+        save_adapter(
+            module.model,
+            adapter_dir,
+            overwrite=True,
+            base_model_name_or_path=module.base_model_name_or_path,
+            state_dict={k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
+        )
+        log.info("adapter saved to %s (PEFT format; load with lora_lightning.load_adapter)", adapter_dir)
+    return adapter_dir
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """The command-line entry. In a multirun, a failing trial is logged and recorded (``status: failed`` in
-    its ``metrics.json``) and the sweep goes on; a single run raises."""
+    """The command-line entry: prints the resolved config, then trains. In a multirun, a trial that fails is
+    logged and recorded (``status: failed`` in its ``metrics.json``) and the sweep goes on, but a config that
+    cannot launch (`schema.ConfigError`: the schema, the switches, the sweep guard) stops the whole sweep at
+    that trial with exit status 1; a single run raises."""
+    console.quiet()
+    if cfg.print_config:
+        console.print_config_tree(cfg)
     try:
         metrics, _ = train(cfg)
-    except Exception:
-        if not tracking.run_info(cfg).multirun:
+    except Exception as err:
+        multirun = tracking.run_info(cfg).multirun
+        if multirun and isinstance(err, schema.ConfigError):  # every trial would fail alike: stop the sweep now
+            log.error("%s\nthe sweep stops here: this config cannot launch", err)
+            raise SystemExit(1) from err  # Hydra's launchers record an Exception and go on to the next trial
+        if not multirun:
             raise
         log.exception("this trial failed; the sweep goes on")
         return math.nan
@@ -146,7 +193,7 @@ def refuse_ranks_in_a_shared_sweep_process(trainer: pl.Trainer) -> None:
     launcher = str(OmegaConf.select(HydraConfig.get(), "launcher._target_") or "")
     relaunches = type(trainer.strategy.launcher).__name__ == "_SubprocessScriptLauncher"
     if relaunches and trainer.world_size > 1 and launcher.rsplit(".", 1)[-1] in IN_PROCESS_LAUNCHERS:
-        raise RuntimeError(
+        raise schema.ConfigError(
             f"trainer.strategy={type(trainer.strategy).__name__} with {trainer.world_size} processes cannot run "
             f"inside a -m sweep launched by {launcher.rsplit('.', 1)[-1]}: every extra rank would re-run the whole "
             "sweep. Give each trial its own process: add launcher=gpu_pool (with hydra.launcher.gpus_per_trial="
@@ -196,11 +243,10 @@ def objective(cfg: DictConfig, module: pl.LightningModule) -> tuple[str, str]:
     return name, "min" if any(w in name for w in ("loss", "ppl", "perplexity", "error")) else "max"
 
 
-def build_trainer(
-    cfg: DictConfig, lora_config: LoRAConfig, loggers: list[Any], extra_callbacks: list[pl.Callback]
-) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, lora_config: LoRAConfig | None, extra_callbacks: list[pl.Callback]) -> pl.Trainer:
     """The Trainer from ``cfg.trainer`` with the configured callbacks, the LoRA callback (which builds the
-    optimizer and LR schedule over the adapter parameters) and ``extra_callbacks``."""
+    optimizer and LR schedule over the adapter parameters; ``lora_config=None`` trains a loaded adapter) and
+    ``extra_callbacks``. No logger yet: the caller sets ``trainer.loggers`` once the model is known to fit."""
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
     optimizer = instantiate(cfg.optimizer)
     trainer: pl.Trainer | None = None
@@ -214,9 +260,13 @@ def build_trainer(
 
     scheduler = make_scheduler if cfg.get("scheduler") else None
     lora_callback = LoRAFinetuneCallback(
-        lora_config, optimizer=optimizer, lr_scheduler=scheduler, loraplus_lr_ratio=cfg.get("loraplus_lr_ratio")
+        lora_config,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        loraplus_lr_ratio=cfg.get("loraplus_lr_ratio"),
+        kernels=cfg.kernels,
     )
-    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, lora_callback, *extra_callbacks], logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, lora_callback, *extra_callbacks], logger=False)
     return trainer
 
 
@@ -246,7 +296,7 @@ def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
     values = {f"before/{k}": v for k, v in metrics.get("before", {}).items()}
     values.update({f"final/{k}": v for k, v in metrics.get("after", {}).items()})
     values.update({f"params/{k}": v for k, v in metrics.get("params", {}).items()})
-    for key in ("time_per_step_s", "peak_memory_mib", "train_time_s"):
+    for key in ("time_per_step_s", "peak_memory_mib", "train_time_s", "steps", *throughput.SUMMARY_KEYS.values()):
         if metrics.get(key) is not None:
             values[f"run/{key}"] = metrics[key]
     return values

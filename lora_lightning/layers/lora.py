@@ -152,8 +152,9 @@ class LoRALayer(AdapterModule):
         out = self.base_layer(x, *args, **kwargs)
         update = self._adapter_output(x, name).to(out.dtype)
         if not spec.use_dora:
-            # The base output is not saved for backward, so the update can be accumulated in place.
-            return out.add_(update, alpha=spec.scaling)
+            # The base output is not saved for backward, so the update can be accumulated in place. It is scaled
+            # first: Inductor's addmm patterns drop add_'s alpha (silently wrong; pytorch#167313, #196577).
+            return out.add_(update * spec.scaling)
         scale = (self.lora_magnitude_vector[name] / self._weight_norm(name).detach()).to(out.dtype)
         bias = getattr(self.base_layer, "bias", None)
         unbiased = out if bias is None else out - self._channel_view(bias)
@@ -174,8 +175,8 @@ class LoRALayer(AdapterModule):
         for name, rows in sample_rows(self.sample_adapters, len(x)).items():
             if name in self.specs:  # not "__base__", nor an adapter that does not adapt this layer
                 rows = rows.to(x.device)
-                update = self._adapter_output(x[rows], name).to(out.dtype)
-                out = out.index_add(0, rows, update, alpha=self.specs[name].scaling)
+                update = self._adapter_output(x[rows], name).to(out.dtype) * self.specs[name].scaling
+                out = out.index_add(0, rows, update)
         return out
 
     def sample_problem(self, names: set[str]) -> str | None:

@@ -109,9 +109,24 @@ def test_wandb_mode_is_offline_unless_configured(tmp_path, monkeypatch) -> None:
 def test_the_rank_alpha_sweep_is_a_multirun_grid(tmp_path) -> None:
     cfg = compose_train(["sweep=rank_alpha"], output_dir=tmp_path)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
-    assert set(params) == {"lora.r", "lora.alpha"}
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    assert set(params) == {"lora.r", "lora.alpha", "seed"}
     assert len(params["lora.r"].split(",")) >= 3 and len(params["lora.alpha"].split(",")) >= 3
+    assert params["seed"] == "42"  # one seed: the same for every trial, not swept
+
+
+def test_sweep_seeds_repeats_every_trial_over_seeds(tmp_path) -> None:
+    cfg = compose_train(["sweep=rank_alpha", "sweep.seeds=3", "seed=7"], output_dir=tmp_path)
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)["seed"] == "7,8,9"
+    with read_write(cfg.hydra):
+        cfg.hydra.job.num = 0
+        cfg.hydra.overrides.task = ["seed=8", "lora.r=2", "lora.alpha=8"]
+        assert cfg.hydra.sweep.subdir == "r2_a8_seed8"
+    single = compose_train(["sweep=rank_alpha"], output_dir=tmp_path)
+    with read_write(single.hydra):
+        single.hydra.job.num = 0
+        single.hydra.overrides.task = ["seed=42", "lora.r=2", "lora.alpha=8"]
+        assert single.hydra.sweep.subdir == "r2_a8"  # one seed: not part of the name
 
 
 def test_sweep_trials_are_named_by_their_overrides(tmp_path) -> None:

@@ -9,6 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
@@ -104,26 +105,30 @@ def test_the_real_movie_review_data() -> None:
 
 
 def test_read_records_in_every_format(tmp_path) -> None:
+    """Through Hugging Face datasets' csv/json/text builders, into an Arrow cache under the given cache folder."""
     rows = [{"text": "good film", "label": "pos"}, {"text": "bad, long film", "label": "neg"}]
-    assert read_records(write_csv(tmp_path / "d.csv", rows)) == rows
-    assert read_records(write_jsonl(tmp_path / "d.jsonl", rows)) == rows
+    cache = str(tmp_path / "cache")
+    records = read_records(write_csv(tmp_path / "d.csv", rows), cache)
+    assert isinstance(records, datasets.Dataset) and records.to_list() == rows
+    assert list((tmp_path / "cache" / "datasets").rglob("*.arrow"))
+    assert read_records(write_jsonl(tmp_path / "d.jsonl", rows), cache).to_list() == rows
     (tmp_path / "d.json").write_text(json.dumps(rows))
-    assert read_records(tmp_path / "d.json") == rows
+    assert read_records(tmp_path / "d.json", cache).to_list() == rows
     (tmp_path / "d.tsv").write_text("text\tlabel\ngood film\tpos\nbad, long film\tneg\n")
-    assert read_records(tmp_path / "d.tsv") == rows
+    assert read_records(tmp_path / "d.tsv", cache).to_list() == rows
     (tmp_path / "d.txt").write_text("first line\n\nsecond line\n")
-    assert read_records(tmp_path / "d.txt") == [{"text": "first line"}, {"text": "second line"}]
+    assert read_records(tmp_path / "d.txt", cache).to_list() == [{"text": "first line"}, {"text": "second line"}]
 
 
-def test_read_records_errors_name_the_file_and_place(tmp_path) -> None:
+def test_read_records_errors_name_the_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"missing\.csv"):
         read_records(tmp_path / "missing.csv")
     (tmp_path / "d.parquet").write_text("x")
     with pytest.raises(ValueError, match=r"unsupported type '\.parquet'"):
         read_records(tmp_path / "d.parquet")
     (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"text": broken}\n')
-    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
-        read_records(tmp_path / "d.jsonl")
+    with pytest.raises(ValueError, match=r"d.jsonl: cannot be read as json"):
+        read_records(tmp_path / "d.jsonl", str(tmp_path / "cache"))
 
 
 def test_label_mapping() -> None:

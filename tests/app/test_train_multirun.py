@@ -76,7 +76,7 @@ def test_the_sweep_report_covers_every_trial(sweep: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert sorted(row["run"] for row in rows) == sorted(GRID)
     assert all(row["status"] == "ok" and int(row["trainable_params"]) > 0 for row in rows)
-    assert list(rows[0]) == ["run", "rank", "alpha", "trainable_params", "val/acc", "time_per_step_ms",
-                             "peak_memory_mib", "status", "error"]  # fmt: skip
+    assert list(rows[0]) == ["run", "rank", "alpha", "seed", "trainable_params", "val/acc", "tokens_per_sec",
+                             "time_per_step_ms", "peak_memory_mib", "status", "error"]  # fmt: skip
     assert "| r4_a8 | 4 | 8 |" in (sweep / "sweep_report.md").read_text()
     assert (sweep / "sweep_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -267,6 +267,27 @@ def test_peft_loads_an_adapter_trained_through_lightning(tmp_path):
         assert torch.equal(their_state[key], tensor), key
 
 
+def test_task_type_tells_peft_which_task_model_to_build(tmp_path):
+    peft = pytest.importorskip("peft")
+    ours = perturb_lora_b_(inject_llama(make_llama(0))).eval()
+    path = save_adapter(ours, tmp_path / "adapter", task_type="CAUSAL_LM")
+    assert json.loads((path / CONFIG_NAME).read_text())["task_type"] == "CAUSAL_LM"
+    theirs = peft.PeftModel.from_pretrained(make_llama(0), path).eval()
+    assert isinstance(theirs, peft.PeftModelForCausalLM)
+    torch.testing.assert_close(logits(theirs), logits(ours), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_task_type_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(AdapterFormatError, match=r"task_type='causal'.*'CAUSAL_LM'"):
+        save_adapter(inject_llama(make_llama(0)), tmp_path / "adapter", task_type="causal")
+    assert not (tmp_path / "adapter").exists()
+
+
+def inject_llama(model: nn.Module) -> nn.Module:
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    return model
+
+
 @pytest.mark.parametrize(
     "extra",
     [{}, {"use_rslora": True}, {"modules_to_save": ["lm_head"]}],

@@ -5,12 +5,24 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import datasets
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lora_lightning.app.data.files import load_builtin, prepare_builtin, read_records
+from lora_lightning.app.resume import ResumableLoader
+
+
+def tokenize(records: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, field: str, **options: Any) -> list[Any]:
+    """The ``input_ids`` of every record's ``field``, tokenized in batches by `datasets.Dataset.map` (cached
+    beside a file-backed data set's Arrow files)."""
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        return {"input_ids": tokenizer([str(t) for t in batch[field]], **options)["input_ids"]}
+
+    return records.map(encode, batched=True, remove_columns=records.column_names)["input_ids"]
 
 
 class ListDataset(Dataset):
@@ -89,23 +101,23 @@ class TextDataModule(pl.LightningDataModule):
         if self.dataset is not None:
             prepare_builtin(self.dataset, self.cache_dir)
 
-    def split_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-        """(train, held-out, a name for messages)."""
+    def split_records(self) -> tuple[datasets.Dataset, datasets.Dataset, str]:
+        """(train, held-out, a name for messages), from one seeded shuffle of the training examples."""
         if self.dataset is not None:
             records, val, source = load_builtin(self.dataset, self.cache_dir), None, self.dataset
         else:
-            records, source = read_records(self.train_file), str(self.train_file)
-            val = read_records(self.val_file) if self.val_file else None
-        records = list(records)
-        random.Random(self.seed).shuffle(records)
+            records, source = read_records(self.train_file, self.cache_dir), str(self.train_file)
+            val = read_records(self.val_file, self.cache_dir) if self.val_file else None
+        order = list(range(len(records)))
+        random.Random(self.seed).shuffle(order)
         if val is None:
             held = self.val_size or 0
-            if held >= len(records):
-                raise ValueError(f"{source}: val_size={held} leaves no training example ({len(records)} in all)")
-            val, records = records[:held], records[held:]
+            if held >= len(order):
+                raise ValueError(f"{source}: val_size={held} leaves no training example ({len(order)} in all)")
+            val, order = records.select(order[:held]), order[held:]
         elif self.val_size is not None:
-            val = val[: self.val_size]
-        return records[: self.train_size], val, source
+            val = val.select(range(min(self.val_size, len(val))))
+        return records.select(order[: self.train_size]), val, source
 
     def loader(self, data: ListDataset | None, train: bool) -> DataLoader:
         """Batches of examples of similar length when ``group_by_length`` (less padding: on the movie reviews
@@ -120,10 +132,11 @@ class TextDataModule(pl.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
             "collate_fn": self.collate,
         }
+        loader_type = ResumableLoader if train else DataLoader  # training resumes mid-epoch where it stopped
         if self.group_by_length:
             batches = length_grouped_batches(data.items, size, random.Random(self.seed) if train else None)
-            return DataLoader(ListDataset(batches), batch_size=None, **options)
-        return DataLoader(data, batch_size=size, **options)
+            return loader_type(ListDataset(batches), batch_size=None, **options)
+        return loader_type(data, batch_size=size, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.train_set, train=True)

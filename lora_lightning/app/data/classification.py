@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from lora_lightning.app.data import vader
-from lora_lightning.app.data.base import ListDataset, TextDataModule
+from lora_lightning.app.data.base import ListDataset, TextDataModule, tokenize
 from lora_lightning.app.data.files import column
 
 
@@ -63,17 +64,14 @@ class ClassificationDataModule(TextDataModule):
         self.train_set = ListDataset(self._encode(train, to_id, source))
         self.val_set = ListDataset(self._encode(val, to_id, self.val_file or source))
 
-    def _encode(self, records: list[dict[str, Any]], to_id: dict[Any, int], source: str) -> list[dict[str, Any]]:
-        texts = [str(t) for t in column(records, self.text_field, source)]
+    def _encode(self, records: datasets.Dataset, to_id: dict[Any, int], source: str) -> list[dict[str, Any]]:
+        column(records, self.text_field, source)
         labels = column(records, self.label_field, source)
         unknown = sorted({str(label) for label in labels if _key(label) not in to_id})
         if unknown:
             raise ValueError(f"{source}: labels {unknown} are not among the training labels {self.label_names}")
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        return [
-            {"input_ids": ids, "labels": to_id[_key(label)]}
-            for ids, label in zip(encoded["input_ids"], labels, strict=True)
-        ]
+        ids = tokenize(records, self.tokenizer, self.text_field, truncation=True, max_length=self.max_length)
+        return [{"input_ids": i, "labels": to_id[_key(label)]} for i, label in zip(ids, labels, strict=True)]
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer.pad([{"input_ids": i["input_ids"]} for i in items], return_tensors="pt")

@@ -1,13 +1,15 @@
-"""Causal language-modelling data: texts tokenized, joined with end-of-sequence tokens and cut into blocks."""
+"""Causal language-modelling data: texts tokenized, packed (joined with end-of-sequence tokens and cut into
+blocks of equal length, so no padding is trained)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lora_lightning.app.data.base import ListDataset, TextDataModule
+from lora_lightning.app.data.base import ListDataset, TextDataModule, tokenize
 from lora_lightning.app.data.files import column
 
 IGNORE_INDEX = -100  # labels the loss skips (padding), as in torch's cross_entropy and transformers
@@ -50,13 +52,15 @@ class CausalLMDataModule(TextDataModule):
         self.train_set = ListDataset(self._blocks(train, source))
         self.val_set = ListDataset(self._blocks(val, self.val_file or source))
 
-    def _blocks(self, records: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-        texts = [str(t) for t in column(records, self.text_field, source)]
+    def _blocks(self, records: datasets.Dataset, source: str) -> list[dict[str, Any]]:
+        """Packing: every text and an EOS token, one after another, cut into ``block_size`` blocks (no padding
+        to train on); only a short tail is dropped."""
+        column(records, self.text_field, source)
         eos = self.tokenizer.eos_token_id
         if eos is None:
             raise ValueError("the tokenizer has no end-of-sequence token to separate texts")
         stream: list[int] = []
-        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        for ids in tokenize(records, self.tokenizer, self.text_field, add_special_tokens=False):
             stream.extend([*ids, eos])
         size = self.block_size
         blocks = [stream[i : i + size] for i in range(0, len(stream), size)]

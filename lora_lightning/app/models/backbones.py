@@ -49,20 +49,29 @@ def from_pretrained(
     dtype: str = "float32",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    quant: str | None = None,
+    quant_dtype: str = "bfloat16",
 ) -> Backbone:
     """Load a Hugging Face model by hub name or local folder (optionally a GGUF file inside the folder).
 
     ``kind="encoder"`` loads the bare encoder (``AutoModel``), ``kind="causal_lm"`` a model with its LM
-    head (``AutoModelForCausalLM``). GGUF weights are dequantized to ``dtype`` on load.
+    head (``AutoModelForCausalLM``). GGUF weights are dequantized to ``dtype`` on load. ``quant="bnb-nf4"``
+    on a CUDA machine loads the linear layers straight into 4-bit NF4 (transformers' bitsandbytes
+    integration, computing in ``quant_dtype``), so the full-precision model never sits in memory; elsewhere
+    the app quantizes after loading (`lora_lightning.app.switches`).
     """
     if kind not in ("encoder", "causal_lm"):
         raise ValueError(f"kind={kind!r}: must be 'encoder' or 'causal_lm'")
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"dtype={dtype!r}: not a torch dtype name, e.g. 'float32' or 'bfloat16'")
+    torch_dtype = _torch_dtype(dtype)
     options = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         options["gguf_file"] = gguf_file
+    elif quant == "bnb-nf4" and torch.cuda.is_available():
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_torch_dtype(quant_dtype)
+        )
     auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
     folder = Path(name_or_path).expanduser()
     needed = gguf_file or "config.json"
@@ -82,6 +91,13 @@ def from_pretrained(
     if tokenizer.pad_token is None:  # most causal LMs have none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return Backbone(model=model, tokenizer=tokenizer, name_or_path=str(name_or_path))
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}: not a torch dtype name, e.g. 'float32' or 'bfloat16'")
+    return torch_dtype
 
 
 def packaged_minilm(dtype: str = "float32") -> Backbone:
@@ -141,11 +157,15 @@ def tiny_causal_lm(
     intermediate_size: int = 64,
     max_length: int = 256,
     seed: int = 0,
+    vocab_size: int | None = None,
+    dtype: str = "float32",
 ) -> Backbone:
-    """A randomly initialised Llama with a byte-level tokenizer: no download, for tests."""
+    """A randomly initialised Llama built from a config with a byte-level tokenizer: no download. Tiny by
+    default (tests, smoke runs); at a real model's shape (``model=llama_1b_random``) it measures memory and
+    speed. ``vocab_size`` (default: the tokenizer's 260) sizes the embedding and output head."""
     tokenizer = byte_tokenizer(add_bos=True)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
@@ -157,4 +177,6 @@ def tiny_causal_lm(
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
-    return Backbone(model=LlamaForCausalLM(config), tokenizer=tokenizer, name_or_path="tiny-llama")
+    model = LlamaForCausalLM(config).to(_torch_dtype(dtype))
+    name = "tiny-llama" if hidden_size <= 64 else "random-llama"
+    return Backbone(model=model, tokenizer=tokenizer, name_or_path=name)
