@@ -1,5 +1,6 @@
 """``adapter_config.json``: what a model's adapter writes there (`peft_config`) and what loading reads from one
-(`read_peft_config`), both through `peft_format`'s one table of fields."""
+(`read_peft_config`), both through `peft_format`'s one table of fields; `rebuilding_config`, the same values as a
+`LoRAConfig` (what a checkpoint records to inject its adapters again)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from lora_lightning.config import _shown, field_problems
+from lora_lightning.config import LoRAConfig, _shown, field_problems
 from lora_lightning.layers import AdapterModule, LoRALayer, LoRAParameter, ModulesToSave, TrainableTokens
 from lora_lightning.modules import canonical_name, is_within
 from lora_lightning.params import adapter_modules
@@ -38,6 +39,28 @@ _SHARED = ("dropout", "use_rslora", "use_dora", "init", "lora_bias")  # one valu
 
 def peft_config(model: nn.Module, adapter_name: str, base_model_name_or_path: str | None) -> dict[str, Any]:
     """The ``adapter_config.json`` values of adapter ``adapter_name`` of ``model`` (names relative to ``model``)."""
+    values, layers = _config_values(model, adapter_name)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        **to_peft(values),
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
+        "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": None,
+    }
+
+
+def rebuilding_config(model: nn.Module, adapter_name: str) -> LoRAConfig:
+    """The `LoRAConfig` that injects adapter ``adapter_name`` of ``model`` again, as it is, into a model built like
+    ``model``: its layers and parameters with their own ``r``/``alpha``, its ``modules_to_save`` and token rows."""
+    return LoRAConfig(**_config_values(model, adapter_name)[0])
+
+
+def _config_values(model: nn.Module, adapter_name: str) -> tuple[dict[str, Any], dict[str, LoRALayer]]:
+    """The `LoRAConfig` values of adapter ``adapter_name`` of ``model``, and its LoRA layers by name."""
     modules = list(adapter_modules(model, adapter_name))
     outer = [(n, m) for n, m in modules if not any(is_within(n, o) and n != o for o, _ in modules)]
     layers = {canonical_name(n): m for n, m in outer if isinstance(m, LoRALayer) and not isinstance(m, LoRAParameter)}
@@ -71,17 +94,7 @@ def peft_config(model: nn.Module, adapter_name: str, base_model_name_or_path: st
         "layers_pattern": None,
         "ensure_weight_tying": _copies_tied([m.adapter_tensors(adapter_name) for m in saved.values()]),
     }
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return {
-        **to_peft(values),
-        "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none",
-        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
-        "inference_mode": True,
-        "peft_type": "LORA",
-        "task_type": None,
-    }
+    return values, layers
 
 
 def _owner(name: str) -> str:

@@ -348,9 +348,15 @@ def _plan(model: nn.Module, config: LoRAConfig, adapter_name: str) -> _Plan:
         targets = [n for n in linears if n not in heads]
         left_out = [n for n in linears if n in heads]
     elif config.target_modules is not None:
-        targets = select(modules, config.target_modules, "target_modules", problems)
+        selected = select(modules, config.target_modules, "target_modules", problems)
         keep = layer_filter(config)
-        targets = [n for n in targets if keep(canonical_name(n))]
+        targets = [n for n in selected if keep(canonical_name(n))]
+        if selected and not targets:
+            problems.append(
+                f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) keeps "
+                f"none of the {len(selected)} layers target_modules selects (e.g. {selected[:3]}); their layer "
+                "indices are the number after the layer list's name (model.layers.<i>...)"
+            )
         unsupported = [f"{n} ({type(modules[n]).__name__})" for n in targets if lora_layer_type(modules[n]) is None]
         if unsupported:
             problems.append(
