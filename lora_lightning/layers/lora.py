@@ -160,6 +160,16 @@ class LoRALayer(AdapterModule):
         unbiased = out if bias is None else out - self._channel_view(bias)
         return out + (scale - 1) * unbiased + (scale * spec.scaling) * update
 
+    def _weight_space_adapter(self) -> str | None:
+        """The adapter that a weight-space layer (whose module runs with ``W + s B A``, so it cannot split a batch
+        per sample) runs, or ``None`` for its base alone."""
+        if self.sample_adapters is not None and set(self.sample_adapters) & set(self.specs) and not self.disabled:
+            raise ValueError(f"per-sample adapters: {self.sample_problem(set())}")
+        name = self.active_adapter
+        if self.disabled or self.merged or name not in self.specs or self.sample_adapters is not None:
+            return None
+        return name
+
     def _adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``B A d(x) + b`` in the adapter's dtype (a 4-bit base's compute dtype)."""
         x = x.to(self.factors(name)[0].dtype) if x.is_floating_point() else x

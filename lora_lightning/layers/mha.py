@@ -73,10 +73,8 @@ class LoRAMultiheadAttention(LoRALayer):
         return self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()
 
     def forward(self, query: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if self.sample_adapters is not None and set(self.sample_adapters) & set(self.specs) and not self.disabled:
-            raise ValueError(f"per-sample adapters: {self.sample_problem(set())}")
-        name = self.active_adapter
-        if self.disabled or self.merged or name not in self.specs or self.sample_adapters is not None:
+        name = self._weight_space_adapter()
+        if name is None:
             return self.base_layer(query, *args, **kwargs)
         weight = self.base_layer.in_proj_weight
         a, b = self.factors(name)

@@ -117,10 +117,8 @@ class LoRAParameter(LoRALayer):
         return torch.einsum(f"o r e, e r i -> {layout}", per_expert_b, per_expert_a)
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if self.sample_adapters is not None and set(self.sample_adapters) & set(self.specs) and not self.disabled:
-            raise ValueError(f"per-sample adapters: {self.sample_problem(set())}")
-        name = self.active_adapter
-        if self.disabled or self.merged or name not in self.specs or self.sample_adapters is not None:
+        name = self._weight_space_adapter()
+        if name is None:
             return self.base_layer(x, *args, **kwargs)
         weight = self.target().weight
         updated = weight + self.specs[name].scaling * self._product(name, weight.dtype)
