@@ -272,10 +272,30 @@ RESEARCH = {
         {"velora_config": ("VeloraConfig", {"num_groups": 2, "init_type": "random"})},
         "velora_config=",
     ),
+    "Vanilla MLP 11 LoRA with VeLoRA batch_average": (
+        ["lin0", "lin1"],
+        {"velora_config": ("VeloraConfig", {"num_groups": 2, "init_type": "batch_average"})},
+        "velora_config=",
+    ),
+    "Vanilla MLP 12 LoRA with VeLoRA batch_average_once": (
+        ["lin0"],
+        {"velora_config": ("VeloraConfig", {"num_groups": 2, "init_type": "batch_average_once"})},
+        "velora_config=",
+    ),
     "Vanilla MLP 1 LoRA with Monteclora": (
         ["lin0"],
         {"monteclora_config": ("MontecloraConfig", {"num_samples": 2})},
         "monteclora_config=",
+    ),
+    "BD-LoRA A only": (
+        ["lin0", "lin1"],
+        {"use_bdlora": ("BdLoraConfig", {"target_modules_bd_a": ["lin0"], "match_strict": False})},
+        "use_bdlora=",
+    ),
+    "BD-LoRA B only": (
+        ["lin0", "lin1"],
+        {"use_bdlora": ("BdLoraConfig", {"target_modules_bd_b": ["lin1"], "nblocks": 2, "match_strict": False})},
+        "use_bdlora=",
     ),
     "BD-LoRA both A and B": (
         ["lin0", "lin1"],

@@ -191,6 +191,19 @@ def test_research_variants_are_refused_by_their_field(row, tmp_path):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("model_id", ["MLP", "Conv2d"])
+def test_the_table_s_adalora_rows_are_refused_by_their_peft_type(model_id, tmp_path):
+    """AdaLoRA is another PEFT method (``peft_type="ADALORA"``), not a LoRA file with extra fields."""
+    target = "lin0" if model_id == "MLP" else "conv2d"
+    config = peft.AdaLoraConfig(target_modules=[target], total_step=1)
+    peft.get_peft_model(make(model_id), config).save_pretrained(tmp_path)
+    model = make(model_id)
+    before = snapshot(model)
+    with pytest.raises(AdapterFormatError, match=r"peft_type='ADALORA': only 'LORA' adapters load"):
+        load_adapter(model, tmp_path)
+    assert_unchanged(model, before)
+
+
 def test_mha_adds_each_update_once():
     """Our ``nn.MultiheadAttention`` adapter is ``W_in + s B A`` and ``W_out + s B_o A_o``: the module with those
     weights gives our outputs, merged or not. PEFT 0.21.2 adds ``2 s B_o A_o`` (checked too, so that a fixed PEFT
