@@ -28,7 +28,7 @@ from lora_lightning.files import reworded, write_file_atomically
 from lora_lightning.inject import inject_lora, planned_tensors
 from lora_lightning.modules import canonical_name, shadow_method
 from lora_lightning.params import adapter_names, adapter_state_dict, lora_layers
-from lora_lightning.peft_format import CONFIG_NAME
+from lora_lightning.peft_format import CONFIG_NAME, outer_module
 
 CHECKPOINT_KEY = "lora_config"  # the LoRAConfig a checkpoint was trained with, as a dict (when the callback had one)
 ADAPTERS_KEY = "lora_adapters"  # every adapter the checkpoint holds: {adapter: {layer: AdapterSpec as a dict}}
@@ -257,13 +257,14 @@ def _tolerate_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
 
 
 def inject_from_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any]) -> list[str]:
-    """Give a freshly built ``module`` the adapters that an adapter-only checkpoint of it records (`ADAPTERS_KEY`:
-    every adapter's hyperparameters per layer; ``modules_to_save`` from `CHECKPOINT_KEY`), as the callback
-    injected them, so that the checkpoint's weights load strictly: the absent base weights are tolerated, a missing
-    adapter tensor still fails. Adapters the module already has are kept (their hyperparameters are checked); of
-    those injected, the last one recorded becomes active (`set_active_adapter` picks another). A checkpoint
-    without the record (a full one) changes nothing. Everything is checked before the module changes. Returns the
-    names of the adapters injected."""
+    """Give a freshly built ``module`` the adapters that an adapter-only checkpoint of it records (`REBUILD_KEY`:
+    the config that injects each adapter again; in checkpoints written before it, `ADAPTERS_KEY`, every adapter's
+    hyperparameters per layer, and ``modules_to_save`` from `CHECKPOINT_KEY`), as they were injected, so that the
+    checkpoint's weights load strictly: the absent base weights are tolerated, a missing adapter tensor still
+    fails. Adapters the module already has are kept (their hyperparameters are checked); of those injected, the
+    last one recorded becomes active (`set_active_adapter` picks another). A checkpoint without the record (a full
+    one) changes nothing. Everything is checked before the module changes. Returns the names of the adapters
+    injected."""
     recorded = checkpoint.get(ADAPTERS_KEY)
     if not isinstance(recorded, dict) or not recorded:
         return []
@@ -271,14 +272,16 @@ def inject_from_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any
     trained_with = _trained_with(checkpoint)
     have = set(adapter_names(module))
     configs = {name: _config_of(checkpoint, name, trained_with) for name in recorded if name not in have}
+    modules = {canonical_name(n) for n, _ in module.named_modules()}
     for name, config in configs.items():  # every adapter fits before any goes in
-        absent = sorted(set(recorded[name]) - set(planned_tensors(module, config, name)))
+        absent = sorted(n for n in recorded[name] if outer_module(n) not in modules)
         if absent:
             raise ValueError(
                 f"the checkpoint's adapter {name!r} is on {len(absent)} layer(s) that this "
                 f"{type(module).__name__} does not have (e.g. {absent[0]!r}); load it into the module it was "
                 "trained as, built with the same arguments"
             )
+        planned_tensors(module, config, name)  # every other check of inject_lora
     for name, config in configs.items():
         inject_lora(module, config, name)
     make_checkpoints_adapter_only(module, trained_with)
