@@ -13,6 +13,7 @@ import torch
 
 from lora_lightning import LoRAConfig, inject_from_checkpoint, inject_lora, set_active_adapter
 from lora_lightning.checkpoint_io import REBUILD_KEY, prune_to_adapters
+from lora_lightning.params import lora_layers
 from tests.helpers.adapters import perturb_adapters_
 from tests.helpers.peft_models import X, make
 
@@ -87,3 +88,12 @@ def test_a_checkpoint_without_the_record_loads_from_its_layers():
     del checkpoint[REBUILD_KEY]
     with torch.no_grad():
         torch.testing.assert_close(reloaded("MLP", checkpoint, "a0")(X), module(X), rtol=0, atol=0)
+
+
+def test_a_record_this_version_cannot_read_is_refused_before_the_module_changes():
+    _, checkpoint = trained("MLP", [{"target_modules": ["lin0"]}])
+    checkpoint[REBUILD_KEY]["a0"]["future_field"] = 1
+    fresh = Wrapped("MLP")
+    with pytest.raises(ValueError, match=r"'lora_adapter_configs' for adapter 'a0' cannot be read by this version"):
+        inject_from_checkpoint(fresh, checkpoint)
+    assert not list(lora_layers(fresh))
