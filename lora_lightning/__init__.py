@@ -10,7 +10,17 @@ from lora_lightning.gguf_adapter import save_gguf_adapter
 from lora_lightning.inject import InjectionReport, TargetError, find_targets, inject_lora, merge_lora, unload_lora
 from lora_lightning.io import AdapterFormatError, load_adapter, save_adapter
 from lora_lightning.kernels import KernelReport, apply_kernels
-from lora_lightning.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
+from lora_lightning.layers import (
+    LoRAConv,
+    LoRAEmbedding,
+    LoRALayer,
+    LoRALinear,
+    LoRAMultiheadAttention,
+    LoRAParameter,
+    ModulesToSave,
+    TrainableTokens,
+)
+from lora_lightning.mixed_batch import per_sample_adapters
 from lora_lightning.params import (
     ParamSummary,
     adapter_names,
@@ -34,9 +44,13 @@ __all__ = [
     "LoRAFinetuneCallback",
     "LoRALayer",
     "LoRALinear",
+    "LoRAMultiheadAttention",
+    "LoRAParameter",
+    "ModulesToSave",
     "ParamSummary",
     "SafeCheckpointIO",
     "TargetError",
+    "TrainableTokens",
     "active_adapter",
     "adapter_names",
     "adapter_parameters",
@@ -53,6 +67,7 @@ __all__ = [
     "merge_lora",
     "model_card",
     "param_summary",
+    "per_sample_adapters",
     "quantize_linears",
     "remove_fused_paths",
     "save_adapter",

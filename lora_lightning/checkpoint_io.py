@@ -22,15 +22,18 @@ from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import nn
 from typing_extensions import Self, override
 
+from lora_lightning.adapter_config import rebuilding_config
 from lora_lightning.config import AdapterSpec, LoRAConfig
 from lora_lightning.files import reworded, write_file_atomically
-from lora_lightning.inject import find_targets, inject_lora
+from lora_lightning.inject import inject_lora, planned_tensors
 from lora_lightning.modules import canonical_name, shadow_method
 from lora_lightning.params import adapter_names, adapter_state_dict, lora_layers
-from lora_lightning.peft_format import CONFIG_NAME
+from lora_lightning.peft_format import CONFIG_NAME, outer_module
 
 CHECKPOINT_KEY = "lora_config"  # the LoRAConfig a checkpoint was trained with, as a dict (when the callback had one)
 ADAPTERS_KEY = "lora_adapters"  # every adapter the checkpoint holds: {adapter: {layer: AdapterSpec as a dict}}
+# every adapter as the LoRAConfig (a dict) that injects it again: its layers, parameters, modules_to_save, token rows
+REBUILD_KEY = "lora_adapter_configs"
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -175,14 +178,16 @@ def make_checkpoints_adapter_only(module: pl.LightningModule, config: LoRAConfig
 
 
 def prune_to_adapters(checkpoint: dict[str, Any], module: nn.Module, config: LoRAConfig | None) -> None:
-    """Keep only ``module``'s adapter and ``modules_to_save`` tensors in ``checkpoint``, record the hyperparameters
-    of every adapter of every layer (`ADAPTERS_KEY`) and ``config``. A module without adapters (after
-    ``merge_lora``/``unload_lora``) keeps its whole state."""
+    """Keep only ``module``'s adapter tensors in ``checkpoint`` (LoRA factors, each adapter's ``modules_to_save``
+    copies and token rows; not the frozen originals), record the hyperparameters of every adapter of every layer
+    (`ADAPTERS_KEY`), the config that injects each adapter again (`REBUILD_KEY`) and ``config``. A module without
+    adapters (after ``merge_lora``/``unload_lora``) keeps its whole state."""
     keep = {canonical_name(k) for k in adapter_state_dict(module)}
     if keep:
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if canonical_name(k) in keep}
         checkpoint[ADAPTERS_KEY] = {name: _adapter_specs(module, name) for name in adapter_names(module)}
+        checkpoint[REBUILD_KEY] = {name: rebuilding_config(module, name).to_dict() for name in adapter_names(module)}
         if config is not None:
             checkpoint[CHECKPOINT_KEY] = config.to_dict()
 
@@ -252,33 +257,52 @@ def _tolerate_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
 
 
 def inject_from_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any]) -> list[str]:
-    """Give a freshly built ``module`` the adapters that an adapter-only checkpoint of it records (`ADAPTERS_KEY`:
-    every adapter's hyperparameters per layer; ``modules_to_save`` from `CHECKPOINT_KEY`), as the callback
-    injected them, so that the checkpoint's weights load strictly: the absent base weights are tolerated, a missing
-    adapter tensor still fails. Adapters the module already has are kept (their hyperparameters are checked); of
-    those injected, the last one recorded becomes active (`set_active_adapter` picks another). A checkpoint
-    without the record (a full one) changes nothing. Everything is checked before the module changes. Returns the
-    names of the adapters injected."""
+    """Give a freshly built ``module`` the adapters that an adapter-only checkpoint of it records (`REBUILD_KEY`:
+    the config that injects each adapter again; in checkpoints written before it, `ADAPTERS_KEY`, every adapter's
+    hyperparameters per layer, and ``modules_to_save`` from `CHECKPOINT_KEY`), as they were injected, so that the
+    checkpoint's weights load strictly: the absent base weights are tolerated, a missing adapter tensor still
+    fails. Adapters the module already has are kept (their hyperparameters are checked); of those injected, the
+    last one recorded becomes active (`set_active_adapter` picks another). A checkpoint without the record (a full
+    one) changes nothing. Everything is checked before the module changes. Returns the names of the adapters
+    injected."""
     recorded = checkpoint.get(ADAPTERS_KEY)
     if not isinstance(recorded, dict) or not recorded:
         return []
     check_checkpoint_adapters(checkpoint, module)
     trained_with = _trained_with(checkpoint)
-    saved = trained_with.modules_to_save if trained_with is not None and len(recorded) == 1 else None
     have = set(adapter_names(module))
-    configs = {name: _recorded_config(layers, saved) for name, layers in recorded.items() if name not in have}
+    configs = {name: _config_of(checkpoint, name, trained_with) for name in recorded if name not in have}
+    modules = {canonical_name(n) for n, _ in module.named_modules()}
     for name, config in configs.items():  # every adapter fits before any goes in
-        absent = sorted(set(recorded[name]) - set(find_targets(module, config, name)))
+        absent = sorted(n for n in recorded[name] if outer_module(n) not in modules)
         if absent:
             raise ValueError(
                 f"the checkpoint's adapter {name!r} is on {len(absent)} layer(s) that this "
                 f"{type(module).__name__} does not have (e.g. {absent[0]!r}); load it into the module it was "
                 "trained as, built with the same arguments"
             )
+        planned_tensors(module, config, name)  # every other check of inject_lora
     for name, config in configs.items():
         inject_lora(module, config, name)
     make_checkpoints_adapter_only(module, trained_with)
     return list(configs)
+
+
+def _config_of(checkpoint: dict[str, Any], adapter: str, trained_with: LoRAConfig | None) -> LoRAConfig:
+    """The `LoRAConfig` that injects ``adapter`` as the checkpoint holds it: its `REBUILD_KEY` record, or, in a
+    checkpoint written before that record existed, one built from its layers' hyperparameters."""
+    rebuilt = checkpoint.get(REBUILD_KEY)
+    if isinstance(rebuilt, dict) and adapter in rebuilt:
+        try:
+            return LoRAConfig.from_dict(rebuilt[adapter])
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"the checkpoint's {REBUILD_KEY!r} for adapter {adapter!r} cannot be read by this version of "
+                f"lora-lightning (a newer version wrote it?): {err}"
+            ) from None
+    recorded = checkpoint[ADAPTERS_KEY]
+    saved = trained_with.modules_to_save if trained_with is not None and len(recorded) == 1 else None
+    return _recorded_config(recorded[adapter], saved)
 
 
 def _recorded_config(layers: dict[str, dict[str, Any]], modules_to_save: list[str] | None) -> LoRAConfig:

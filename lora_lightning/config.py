@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from lora_lightning.modules import regex_problem
-from lora_lightning.peft_format import PEFT_KEYS
+from lora_lightning.peft_format import PEFT_KEYS, RESEARCH_FIELDS, RESEARCH_INITS
 
 ALL_LINEAR = "all-linear"
 MAX_PISSA_NITER = 64  # randomised-SVD iterations; PEFT's docs use 4 to 16
@@ -32,6 +32,7 @@ class AdapterSpec:
     use_rslora: bool = False
     use_dora: bool = False
     init: str = "kaiming"
+    lora_bias: bool = False
 
     @property
     def scaling(self) -> float:
@@ -61,14 +62,30 @@ class LoRAConfig:
             of ``W`` and ``"olora"`` at its QR factors; both subtract ``s B A`` from the base weight, so the
             model is again unchanged. Loading such an adapter repeats the init on the original base first.
         rank_pattern: per-layer ranks, ``{pattern: r}``; a pattern matches a module name or a dotted suffix of
-            it as a regular expression (PEFT's rule), the first match wins, unmatched layers use ``r``.
+            it as a regular expression (PEFT's rule), the first match wins, unmatched layers use ``r``. For
+            ``target_parameters`` the pattern is matched against the parameter's name (``experts.gate_up_proj``).
         alpha_pattern: per-layer ``alpha`` in the same form.
+        lora_bias: ``B`` gets a trainable bias ``b`` (zero at first): ``y = base(x) + s (B A x + b)``; merging adds
+            ``s b`` to the base layer's bias (a layer without one cannot be merged).
+        target_parameters: bare parameters that get adapters, by name or dotted suffix (``["experts.down_proj"]``),
+            e.g. fused mixture-of-experts weights: ``P' = P + s B A`` for a 2-D ``P`` (``[d0, d1]``), per expert
+            for a 3-D one (PEFT's layout). The module's own forward then runs with ``P'``.
+        trainable_token_indices: rows of an embedding trained in full (new tokens), the rest frozen:
+            ``[ids]`` for the model's input embedding, or ``{module: [ids]}``. A layer whose weight is tied to
+            that embedding (an output head) uses the same trained rows.
+        layers_to_transform: only layers with these indices (``model.layers.<i>...``) are adapted; applies to
+            ``target_modules`` entries that match a dotted suffix, as in PEFT.
+        layers_pattern: the name of the layer list whose index ``layers_to_transform`` reads (``"layers"``,
+            ``"h"``; a regex), needed when the name has several numbered parts.
+        ensure_weight_tying: ``modules_to_save`` also takes the modules tied to a listed one (an output head tied
+            to the embeddings), and their copies stay tied; without it each listed module gets its own copy and an
+            unlisted tied module keeps the base weight (PEFT's default; a warning says so).
     """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] | str = ALL_LINEAR
+    target_modules: list[str] | str | None = ALL_LINEAR
     exclude_modules: list[str] | str | None = None
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
@@ -76,6 +93,12 @@ class LoRAConfig:
     init: str = "kaiming"
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         self.target_modules = _as_names(self.target_modules)
@@ -83,6 +106,10 @@ class LoRAConfig:
         self.modules_to_save = None if self.modules_to_save is None else _as_names(self.modules_to_save)
         self.rank_pattern = _as_dict(self.rank_pattern)
         self.alpha_pattern = _as_dict(self.alpha_pattern)
+        self.target_parameters = None if self.target_parameters is None else _as_names(self.target_parameters)
+        self.trainable_token_indices = _as_indices(self.trainable_token_indices)
+        self.layers_to_transform = _none_if_empty(_as_names(self.layers_to_transform))  # []: every layer, as None
+        self.layers_pattern = _none_if_empty(_as_names(self.layers_pattern))
         problems = list(self._problems())
         if problems:
             raise ValueError("invalid LoRAConfig:\n  - " + "\n  - ".join(problems))
@@ -100,6 +127,7 @@ class LoRAConfig:
             use_rslora=self.use_rslora,
             use_dora=self.use_dora,
             init=self.init,
+            lora_bias=self.lora_bias,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +139,9 @@ class LoRAConfig:
         if not isinstance(values, Mapping):
             raise TypeError(f"LoRAConfig.from_dict expects a mapping of field names to values, got {_shown(values)}")
         unknown = sorted(set(values) - set(known), key=str)
+        research = [f"{name!r} ({RESEARCH_FIELDS[name]})" for name in unknown if name in RESEARCH_FIELDS]
+        if research:
+            raise ValueError(f"{', '.join(research)}: not implemented by lora-lightning; known fields: {known}")
         if unknown:
             hints = [f"{_suggest(u, known)!r} for {u!r}" for u in unknown if _suggest(u, known)]
             meant = f"; did you mean {', '.join(hints)}?" if hints else ""
@@ -122,6 +153,26 @@ class LoRAConfig:
             yield from field_problems(field.name, getattr(self, field.name))
         if self.exclude_modules == ALL_LINEAR:
             yield "exclude_modules='all-linear' would exclude every layer; list the layers to skip instead"
+        if self.target_modules is None and self.target_parameters is None:
+            yield "target_modules=None: give layer names, a regex or 'all-linear' (or target_parameters)"
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            yield (
+                f"layers_to_transform={_shown(self.layers_to_transform)} works with a list of target_modules only "
+                f"(as in PEFT), not with target_modules={_shown(self.target_modules)}"
+            )
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            yield f"layers_pattern={_shown(self.layers_pattern)} needs layers_to_transform, the indices to adapt"
+        if self.lora_bias and self.use_dora:
+            yield "lora_bias=True does not combine with use_dora=True (as in PEFT)"
+        if self.lora_bias and self.init not in ("kaiming",):
+            yield f"lora_bias=True needs init='kaiming' (as in PEFT), not init={self.init!r}"
+        if self.target_parameters is not None:
+            for field, off in (("dropout", 0.0), ("use_dora", False), ("lora_bias", False)):
+                if getattr(self, field) != off:
+                    yield (
+                        f"target_parameters with {field}={getattr(self, field)!r}: a parameter's adapter is added to "
+                        f"the weight itself, which takes no {field} (as in PEFT); use {field}={off!r}"
+                    )
 
 
 def field_problems(field: str, value: Any, shown_as: str | None = None) -> list[str]:
@@ -152,8 +203,59 @@ def _check_bool(name: str, value: Any) -> Iterable[str]:
 
 def _check_init(name: str, value: Any) -> Iterable[str]:
     found = _INIT.fullmatch(value) if isinstance(value, str) else None
-    if found is None or int(found.group(1) or 0) > MAX_PISSA_NITER:
+    if isinstance(value, str) and value in RESEARCH_INITS:
+        yield f"{name}={value!r}: {RESEARCH_INITS[value]} init is not implemented; must be one of {', '.join(INITS)}"
+    elif found is None or int(found.group(1) or 0) > MAX_PISSA_NITER:
         yield f"{name}={_shown(value)}: must be one of {', '.join(INITS)}"
+
+
+def _check_target_parameters(name: str, value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield f"{name}={_shown(value)}: must be a list of parameter names (no regex, as in PEFT), e.g. ['experts.w1']"
+    else:
+        yield from _name_problems(name, value, required=False)
+
+
+def _check_token_indices(name: str, value: Any) -> Iterable[str]:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        yield from _indices_problems(name, value)
+        return
+    if not value:
+        yield f"{name}={{}}: give token ids, [ids] or {{module: [ids]}}, or None"
+    for key, indices in value.items():
+        if not isinstance(key, str) or not key:
+            yield f"{name}: key {_shown(key)} must be a module name"
+        else:
+            yield from _indices_problems(f"{name}[{key!r}]", indices)
+
+
+def _indices_problems(name: str, value: Any) -> Iterable[str]:
+    if not isinstance(value, list) or not value or not all(_is_int(i) and i >= 0 for i in value):
+        yield f"{name}={_shown(value)}: must be a non-empty list of token ids (ints >= 0), e.g. [0, 10]"
+    elif len(set(value)) != len(value):
+        yield f"{name}={_shown(value)}: lists a token id twice"
+
+
+def _check_layers_to_transform(name: str, value: Any) -> Iterable[str]:
+    if value is None or (_is_int(value) and value >= 0):
+        return
+    if not isinstance(value, list) or not all(_is_int(i) and i >= 0 for i in value):
+        yield f"{name}={_shown(value)}: must be a layer index or a list of them (ints >= 0), e.g. [0, 1]"
+
+
+def _check_layers_pattern(name: str, value: Any) -> Iterable[str]:
+    entries = [value] if isinstance(value, str) else value
+    if value is None:
+        return
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+        yield f"{name}={_shown(value)}: must be the name of a layer list or a list of them, e.g. 'layers'"
+        return
+    for entry in entries:
+        problem = regex_problem(entry)
+        if problem:
+            yield f"{name}: {_shown(entry)} {problem}"
 
 
 def _check_modules_to_save(name: str, value: Any) -> Iterable[str]:
@@ -206,6 +308,17 @@ def _as_names(value: Any) -> Any:
     if isinstance(value, str) or not isinstance(value, Iterable):
         return value
     return list(value)
+
+
+def _none_if_empty(value: Any) -> Any:
+    return None if value in ([], "") else value
+
+
+def _as_indices(value: Any) -> Any:
+    """``trainable_token_indices`` as plain lists (a dict of them stays a dict)."""
+    if isinstance(value, Mapping):
+        return {key: _as_names(indices) for key, indices in value.items()}
+    return _as_names(value)
 
 
 def _as_dict(value: Any) -> Any:
@@ -284,7 +397,7 @@ _CHECKS = {
     "r": _check_r,
     "alpha": _check_alpha,
     "dropout": _check_dropout,
-    "target_modules": lambda name, value: _name_problems(name, value, required=True),
+    "target_modules": lambda name, value: _name_problems(name, value, required=False),
     "exclude_modules": lambda name, value: _name_problems(name, value, required=False),
     "use_rslora": _check_bool,
     "modules_to_save": _check_modules_to_save,
@@ -292,4 +405,10 @@ _CHECKS = {
     "init": _check_init,
     "rank_pattern": _pattern_check(_is_int, "a positive int, e.g. {'q_proj': 16}"),
     "alpha_pattern": _pattern_check(_is_number, "a positive finite number, e.g. {'q_proj': 32}"),
+    "lora_bias": _check_bool,
+    "target_parameters": _check_target_parameters,
+    "trainable_token_indices": _check_token_indices,
+    "layers_to_transform": _check_layers_to_transform,
+    "layers_pattern": _check_layers_pattern,
+    "ensure_weight_tying": _check_bool,
 }

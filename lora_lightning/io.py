@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,36 +18,43 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
+from lora_lightning.adapter_config import peft_config, read_peft_config
 from lora_lightning.adapters import active_adapter, set_active_adapter
-from lora_lightning.config import LoRAConfig, field_problems, is_adapter_name
+from lora_lightning.config import LoRAConfig, is_adapter_name
 from lora_lightning.files import read_files, reworded, write_folder_atomically
-from lora_lightning.inject import InjectionReport, find_targets, inject_lora
-from lora_lightning.layers import LoRALayer, lora_layer_type
-from lora_lightning.modules import canonical_name, is_within, name_matcher
+from lora_lightning.fit import FitError, check_fit
+from lora_lightning.inject import (
+    InjectionReport,
+    _visible_modules,
+    add_modules_to_save,
+    inject_lora,
+    planned_tensors,
+    saved_shapes,
+)
+from lora_lightning.layers import LoRALayer, LoRAParameter, ModulesToSave, TrainableTokens, innermost, lora_layer_type
+from lora_lightning.modules import canonical_name, name_matcher
 from lora_lightning.params import (
+    adapter_modules,
     adapter_names,
     lora_layers,
     mark_only_adapters_trainable,
-    mark_trained_in_full,
     named_adapter_tensors,
     param_summary,
     trained_in_full_modules,
 )
 from lora_lightning.peft_format import (
     ADAPTER_FILES,
-    ADAPTER_KEYS,
     CARD_NAME,
     CONFIG_NAME,
-    PEFT_KEYS,
     PEFT_PREFIX,
     TASK_TYPES,
     WEIGHTS_NAME,
-    from_peft,
-    to_peft,
+    is_lora,
+    outer_module,
+    split_key,
 )
+from lora_lightning.selection import parameter_targets
 
-# The adapter_config.json fields that loading uses; the targets come from the tensor file's keys.
-LOADED_FIELDS = ("r", "alpha", "dropout", "use_rslora", "use_dora", "init", "rank_pattern", "alpha_pattern")
 MAX_CONFIG_BYTES = 16 * 2**20  # PEFT's adapter_config.json files are a few kB
 
 
@@ -105,22 +111,21 @@ def save_adapter(
             f"save_adapter: {str(path)!r} holds other files {foreign[:5]}; overwrite=True replaces the whole "
             "folder, so it only replaces adapter folders; choose an empty or new path"
         )
-    config = _peft_config(model, layers, adapter_name, base_model_name_or_path) | {"task_type": task_type}
+    config = peft_config(model, adapter_name, base_model_name_or_path) | {"task_type": task_type}
     full = None if state_dict is None else {canonical_name(k): v for k, v in state_dict.items()}
     own = {  # model key -> (file key, the model's own tensor)
         canonical_name(key): (canonical_name(file_key), tensor)
         for key, file_key, tensor in named_adapter_tensors(model, adapter_name)
     }
-    for name, module in trained_in_full_modules(model):
-        for key, tensor in module.state_dict(prefix=f"{name}.").items():
-            own[canonical_name(key)] = (canonical_name(key), tensor)
     missing = sorted(set(own) - set(full)) if full is not None else []
     if missing:
         raise AdapterFormatError(f"save_adapter: state_dict lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
-    tensors = {
-        PEFT_PREFIX + file_key: (tensor if full is None else full[key]).detach().contiguous().cpu()
-        for key, (file_key, tensor) in own.items()
-    }
+    tensors, written = {}, set()
+    for key, (file_key, tensor) in own.items():
+        tensor = (tensor if full is None else full[key]).detach().contiguous().cpu()
+        # a tensor under two keys (tied copies) is written twice, as PEFT reads it: safetensors stores no aliases
+        tensors[PEFT_PREFIX + file_key] = tensor.clone() if tensor.data_ptr() in written else tensor
+        written.add(tensor.data_ptr())
 
     data = {
         WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),  # written by Python: a failed write is an OSError
@@ -152,101 +157,125 @@ def load_adapter(
     path = Path(path)
     config_bytes, weights_bytes = _read_adapter_files(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    values, saved_patterns = _read_peft_config(config_bytes, config_file)
-    lora, extra = _split_keys(_read_tensors(weights_bytes, weights_file), weights_file)
+    try:
+        values = read_peft_config(config_bytes, config_file)
+    except ValueError as err:
+        raise AdapterFormatError(f"load_adapter: {err}") from None
+    tensors = _read_tensors(weights_bytes, weights_file)
+    by_module = _by_module(tensors, weights_file)
     names = {canonical_name(n): n for n, _ in model.named_modules() if n}  # PEFT's name -> the model's name
-    is_saved = name_matcher(saved_patterns or [])
-    saved = [p for p in names if is_saved(p)]
-    # Only the model's own module names are ever matched against the file's patterns: a name that is only in
-    # the file is reported by _check_fit, unmatched.
-    targets = [p for p in sorted(lora) if p in names]
-    if not targets:
-        raise AdapterFormatError(
-            f"load_adapter: {str(weights_file)!r} does not fit this model: none of its {len(lora)} adapted modules "
-            f"is in the model (e.g. {sorted(lora)[:3]})"
-        )
-    # re-creates the saved adapter on exactly the modules the file holds tensors for
-    config = LoRAConfig(
-        **values,
-        target_modules="|".join(re.escape(t) for t in targets),
-        modules_to_save=saved or None,
-    )
-    extra_keys = _check_fit(model, config, adapter_name, lora, extra, names, saved, weights_file)
-
-    if not list(lora_layers(model, adapter_name)):
+    visible = {canonical_name(n) for n in _visible_modules(model)}
+    config = _config_for(model, values, by_module, names, visible, weights_file)
+    adopted = []
+    if list(lora_layers(model, adapter_name)):
+        # the model has the adapter: its tensors are replaced, and modules_to_save it lacks are adopted (so that a
+        # load -> save cycle keeps them)
+        planned = _existing_tensors(model, adapter_name)
+        adopted = [names[n] for n in config.modules_to_save or [] if n not in planned]
+        planned |= {canonical_name(n): ("modules_to_save", saved_shapes(model, n)) for n in adopted}
+        config = None
+    else:
         try:
-            find_targets(model, config, adapter_name)  # e.g. r larger than a layer: refused before any change
+            planned = {canonical_name(m): held for m, held in planned_tensors(model, config, adapter_name).items()}
         except ValueError as err:
             raise AdapterFormatError(f"load_adapter: the adapter in {str(path)!r} cannot be injected: {err}") from None
+    try:
+        base_keys = check_fit(model, values, adapter_name, by_module, planned, names, weights_file)
+    except FitError as err:
+        raise AdapterFormatError(f"load_adapter: {err}") from None
+
+    if config is not None:
         inject_lora(model, config, adapter_name)
+    add_modules_to_save(model, adopted, adapter_name, values["ensure_weight_tying"])
     with torch.no_grad():
-        for name, tensors in lora.items():
-            layer = model.get_submodule(names[name])
-            mine = layer.adapter_tensors(adapter_name)
-            for file_key, tensor in tensors.items():
-                mine[file_key].copy_(tensor)
+        targets = {canonical_name(f): t for _, f, t in named_adapter_tensors(model, adapter_name)}
         state = model.state_dict(keep_vars=True)
-        for key, tensor in extra.items():
-            state[extra_keys[key]].copy_(tensor)
-    for name in saved:  # also when the LoRA layers already existed, so a later save keeps them
-        mark_trained_in_full(model.get_submodule(names[name]))
+        for key, tensor in tensors.items():
+            key = key[len(PEFT_PREFIX) :]
+            (targets[key] if key in targets else state[base_keys[key]]).copy_(tensor)
     set_active_adapter(model, adapter_name)
     if trainable:
         mark_only_adapters_trainable(model, adapter_name)
     else:
         model.requires_grad_(False)
-    return InjectionReport(targets, [n for n, _ in trained_in_full_modules(model)], param_summary(model))
+    return _report(model, adapter_name)
 
 
-def _peft_config(
-    model: nn.Module, layers: list[tuple[str, LoRALayer]], adapter_name: str, base_model_name_or_path: str | None
-) -> dict:
-    specs = {canonical_name(n): layer.spec(adapter_name) for n, layer in layers}
-    shared = Counter((s.dropout, s.use_rslora, s.use_dora, s.init) for s in specs.values())
-    if len(shared) > 1:
-        raise NotImplementedError(f"save_adapter: layers with different dropout/rslora/dora/init {sorted(shared)}")
-    (dropout, use_rslora, use_dora, init), _ = shared.most_common(1)[0]
-    r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
-    alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    saved = sorted(canonical_name(n) for n, _ in trained_in_full_modules(model))
-    # PEFT matches a target_modules entry and a pattern key also as a dotted suffix ("0" would also pick
-    # "1.0"); a regex target_modules is matched whole, and a pattern key starting with "^" only whole.
-    targets: list[str] | str = sorted(specs)
-    inside = tuple(f"{n}." for n, _ in lora_layers(model))
-    suffixes = {
-        name.split(".", i)[i]
-        for name in (canonical_name(n) for n, _ in model.named_modules() if n and not n.startswith(inside))
-        if name not in specs
-        for i in range(1, name.count(".") + 1)
-    }
-    if suffixes & set(specs):
-        targets = "|".join(re.escape(t) for t in targets)
-    values = {
-        "r": r,
-        "alpha": alpha,
-        "dropout": dropout,
-        "target_modules": targets,
-        "exclude_modules": None,
-        "use_rslora": use_rslora,
-        "modules_to_save": saved or None,
-        "use_dora": use_dora,
-        "init": init,
-        "rank_pattern": {"^" + re.escape(n): s.r for n, s in sorted(specs.items()) if s.r != r},
-        "alpha_pattern": {"^" + re.escape(n): s.alpha for n, s in sorted(specs.items()) if s.alpha != alpha},
-    }
-    return {
-        **to_peft(values),
-        "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none",
-        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for _, layer in layers),
-        "inference_mode": True,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "peft_type": "LORA",
-        "task_type": None,
-    }
+def _report(model: nn.Module, adapter_name: str) -> InjectionReport:
+    """What adapter ``adapter_name`` of ``model`` holds, as `inject_lora` reports it."""
+    modules = _visible_modules(model)
+    holding = dict(adapter_modules(model, adapter_name))
+    held = [(n, model.get_submodule(n)) for n in modules if n in holding]
+    parameters = [f"{outer_module(n)}.{m.parameter_name}" for n, m in holding.items() if isinstance(m, LoRAParameter)]
+    return InjectionReport(
+        sorted(n for n, m in held if isinstance(m, LoRALayer) and not isinstance(m, LoRAParameter)),
+        [n for n, _ in trained_in_full_modules(model)],
+        param_summary(model),
+        parameters=sorted(parameters),
+        trainable_tokens=sorted(n for n, m in held if isinstance(m, TrainableTokens)),
+    )
+
+
+def _config_for(
+    model: nn.Module,
+    values: dict[str, Any],
+    by_module: dict[str, dict[str, torch.Tensor]],
+    names: dict[str, str],
+    visible: set[str],
+    file: Path,
+) -> LoRAConfig:
+    """The `LoRAConfig` that re-creates the saved adapter on exactly the modules the file holds tensors for: its
+    LoRA layers from the file's keys, the rest (parameters, ``modules_to_save``, token rows) from its config,
+    resolved against the model's own module names only (a name only in the file is reported by `fit.check_fit`)."""
+    tops = {outer_module(m) for m, held in by_module.items() if m and is_lora(held)}
+    parameters = values["target_parameters"]
+    owners = {canonical_name(n) for n in parameter_targets(_visible_modules(model), parameters, set(), [])}
+    targets = [
+        t
+        for t in sorted(tops - owners)
+        if t in names
+        and t in visible
+        and lora_layer_type(innermost(model.get_submodule(names[t]))) is not None  # else check_fit says why
+    ]
+    if not targets and not parameters:
+        raise AdapterFormatError(
+            f"load_adapter: {str(file)!r} does not fit this model: none of its {len(tops)} adapted modules "
+            f"is in the model (e.g. {sorted(tops)[:3]})"
+        )
+    is_saved = name_matcher(values["modules_to_save"] or [])
+    saved = [n for n in sorted(visible) if is_saved(n)]  # PEFT's task lists name heads a model may lack
+    return LoRAConfig(
+        **{k: v for k, v in values.items() if k not in ("modules_to_save", "target_parameters")},
+        target_modules="|".join(re.escape(t) for t in targets) if targets else None,
+        modules_to_save=saved or None,
+        target_parameters=parameters,
+    )
+
+
+def _existing_tensors(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, dict[str, tuple[int, ...]]]]:
+    """The model's own tensors of adapter ``adapter_name``, grouped like `inject.planned_tensors`."""
+    held: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {}
+    roles = {ModulesToSave: "modules_to_save", TrainableTokens: "trainable_token_indices"}
+    for name, module in adapter_modules(model, adapter_name):
+        kind = roles.get(type(module), type(module).__name__)
+        for key, tensor in module.adapter_tensors(adapter_name).items():
+            inner, suffix = split_key(f"{name}.{key}") or (name, key)
+            held.setdefault(canonical_name(inner), (kind, {}))[1][suffix] = tuple(tensor.shape)
+    return held
+
+
+def _by_module(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The file's tensors by module: ``{module: {"lora_A.weight": tensor, ...}}``; a key of no adapter tensor
+    (a ``modules_to_save`` copy's) stays whole under the module ``""``."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise AdapterFormatError(f"load_adapter: key {key!r} in {str(file)!r} does not start with {PEFT_PREFIX!r}")
+        module, suffix = split_key(key[len(PEFT_PREFIX) :]) or ("", key[len(PEFT_PREFIX) :])
+        found.setdefault(module, {})[suffix] = tensor
+    if not any(is_lora(held) for held in found.values()):
+        raise AdapterFormatError(f"load_adapter: {str(file)!r} holds no lora_A/lora_B tensors")
+    return found
 
 
 def _check_adapter_name(caller: str, value: Any, optional: bool = False) -> None:
@@ -290,153 +319,8 @@ def _read_adapter_files(path: Path) -> tuple[bytes, bytes]:
     return found[CONFIG_NAME], found[WEIGHTS_NAME]
 
 
-def _read_peft_config(data: bytes, file: Path) -> tuple[dict[str, Any], list[str] | None]:
-    """The `LoRAConfig` values of ``LOADED_FIELDS`` and the ``modules_to_save`` entries in ``adapter_config.json``,
-    each checked by `LoRAConfig`'s own rules; every problem is reported at once, by PEFT's key."""
-    try:
-        peft = json.loads(data.decode())
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also an int of 4,300+ digits
-        raise AdapterFormatError(f"load_adapter: {str(file)!r} is not valid JSON ({err})") from None
-    if not isinstance(peft, dict):
-        raise AdapterFormatError(f"load_adapter: {str(file)!r} must hold a JSON object")
-    problems = []
-    if peft.get("peft_type") != "LORA":
-        problems.append(f"peft_type={peft.get('peft_type')!r}: only 'LORA' adapters load")
-    if peft.get("bias", "none") not in ("none", None):
-        problems.append(f"bias={peft['bias']!r}: not supported; only 'none'")
-    if peft.get("fan_in_fan_out") not in (True, False, None):  # follows from the layer type (GPT-2's Conv1D)
-        problems.append(f"fan_in_fan_out={peft['fan_in_fan_out']!r}: must be true or false (a bool)")
-    values = from_peft(peft, (*LOADED_FIELDS, "modules_to_save"))
-    for field, value in values.items():
-        problems += field_problems(field, value, shown_as=PEFT_KEYS[field])
-    if problems:
-        raise AdapterFormatError(f"load_adapter: {str(file)!r} has unusable fields: " + "; ".join(problems))
-    return {field: values[field] for field in LOADED_FIELDS}, values["modules_to_save"]
-
-
 def _read_tensors(data: bytes, file: Path) -> dict[str, torch.Tensor]:
     try:
         return load(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFormatError(f"load_adapter: {str(file)!r} is not a readable safetensors file ({err})") from None
-
-
-def _split_keys(
-    tensors: dict[str, torch.Tensor], file: Path
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """``{module: {"lora_A.weight": tensor, ...}}`` for adapter tensors and ``{key: tensor}`` for the rest."""
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise AdapterFormatError(f"load_adapter: key {key!r} in {str(file)!r} does not start with {PEFT_PREFIX!r}")
-        key = key[len(PEFT_PREFIX) :]
-        suffix = next((s for s in ADAPTER_KEYS if key.endswith("." + s)), None)
-        if suffix:
-            lora.setdefault(key[: -len(suffix) - 1], {})[suffix] = tensor
-        else:
-            extra[key] = tensor
-    if not lora:
-        raise AdapterFormatError(f"load_adapter: {str(file)!r} holds no lora_A/lora_B tensors")
-    return lora, extra
-
-
-def _check_fit(
-    model: nn.Module,
-    config: LoRAConfig,
-    adapter_name: str,
-    lora: dict[str, dict[str, torch.Tensor]],
-    extra: dict[str, torch.Tensor],
-    names: dict[str, str],
-    saved: list[str],
-    file: Path,
-) -> dict[str, str]:
-    """Every tensor must have a place of the right type and shape in the model; all mismatches are
-    reported at once. Returns the model's state-dict key for each ``modules_to_save`` tensor."""
-    problems = []
-    existing = {canonical_name(n): layer for n, layer in lora_layers(model, adapter_name)}
-    if existing and set(existing) != set(lora):
-        problems.append(
-            f"the model already has adapter {adapter_name!r} on {len(existing)} modules that differ from the "
-            f"file's {len(lora)} (e.g. {sorted(set(existing) ^ set(lora))[:3]}); "
-            f"delete_adapter(model, {adapter_name!r}) or load it under another adapter_name"
-        )
-    merged = sorted({la.merged_adapter for n, la in lora_layers(model) if la.merged and canonical_name(n) not in lora})
-    if merged:  # (merged layers that the file touches are reported below, one by one)
-        problems.append(f"adapters {merged} are merged into the base; unmerge() them before loading {adapter_name!r}")
-    others = [n for n in adapter_names(model) if n != adapter_name]
-    if saved and others:
-        problems.append(
-            f"the file's modules_to_save {saved} are trained in full in place and would be shared with the model's "
-            f"other adapters {others}; load it into a model without other adapters"
-        )
-    for name, tensors in sorted(lora.items()):
-        if name not in names:
-            problems.append(f"{name}: no such module in the model")
-            continue
-        module = model.get_submodule(names[name])
-        spec = config.spec_for(name)
-        owner = next((s for s in saved if is_within(name, s)), None)
-        if owner is not None:
-            problems.append(
-                f"{name}: has LoRA tensors but is inside modules_to_save entry {owner!r}; it is one or the other"
-            )
-        if isinstance(module, LoRALayer) and module.merged:
-            problems.append(f"{name}: the model's LoRA layer is merged; unmerge() it or unload_lora(model) first")
-        if isinstance(module, LoRALayer) and adapter_name in module.specs and module.spec(adapter_name) != spec:
-            problems.append(
-                f"{name}: the model's adapter {adapter_name!r} has {module.spec(adapter_name)}; the file {spec}"
-            )
-            continue
-        base_module = module.base_layer if isinstance(module, LoRALayer) else module
-        kind = lora_layer_type(base_module)
-        if kind is None:
-            problems.append(f"{name}: a {type(module).__name__}, which takes no LoRA, in the model")
-            continue
-        try:
-            needed = kind.adapter_shapes(base_module, spec)
-        except (RuntimeError, TypeError, OverflowError) as err:
-            problems.append(f"{name}: an adapter with r={spec.r} cannot be built ({str(err).splitlines()[0]})")
-            continue
-        if set(tensors) != set(needed):
-            present = ", ".join(sorted(tensors))
-            problems.append(f"{name}: only {present} present; a {kind.__name__} needs {sorted(needed)}")
-            continue
-        for key, shape in needed.items():
-            if tuple(tensors[key].shape) != shape:
-                problems.append(f"{name}.{key}: shape {tuple(tensors[key].shape)} in the file, the model needs {shape}")
-            elif not tensors[key].is_floating_point():
-                problems.append(f"{name}.{key}: dtype {tensors[key].dtype} in the file; adapters are floats")
-    # An entry matching no module is fine, as in PEFT (its SEQ_CLS task lists ["classifier", "score"] and a
-    # model has one of them); every tensor of the file must still find its module, checked here:
-    state = model.state_dict()
-    keys = {}
-    for key, tensor in sorted(extra.items()):
-        owner = next((p for p in saved if is_within(key, p)), None)
-        model_key = target_key = names[owner] + key[len(owner) :] if owner else None
-        layer, base, param = key.rpartition(".base_layer.")
-        if owner is None and base and layer in lora and layer in names:
-            # PEFT also saves the base weight of a targeted embedding (save_embedding_layers); it loads into the
-            # base layer, which is wrapped by the time it is copied
-            owner, target_key = layer, f"{names[layer]}.base_layer.{param}"
-            wrapped = isinstance(model.get_submodule(names[layer]), LoRALayer)
-            model_key = target_key if wrapped else f"{names[layer]}.{param}"
-        if owner is None:
-            problems.append(
-                f"{key}: neither a LoRA tensor nor a tensor of a module of the model that "
-                f"modules_to_save={config.modules_to_save} names"
-            )
-        elif model_key not in state:
-            problems.append(f"{key}: no such tensor in the model")
-        elif tuple(state[model_key].shape) != tuple(tensor.shape):
-            problems.append(
-                f"{key}: shape {tuple(tensor.shape)} in the file, the model has {tuple(state[model_key].shape)}"
-            )
-        elif tensor.is_floating_point() != state[model_key].is_floating_point() or tensor.is_complex():
-            problems.append(f"{key}: dtype {tensor.dtype} in the file, the model has {state[model_key].dtype}")
-        else:
-            keys[key] = target_key
-    if problems:
-        shown = "\n  - ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise AdapterFormatError(f"load_adapter: {str(file)!r} does not fit this model:\n  - {shown}")
-    return keys

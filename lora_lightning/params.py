@@ -10,10 +10,7 @@ import torch
 from torch import nn
 
 from lora_lightning import quant
-from lora_lightning.layers import LoRALayer
-
-# Attribute set on a module listed in `LoRAConfig.modules_to_save`: trained in full and saved with the adapter.
-_TRAINED_IN_FULL = "_lora_trained_in_full"
+from lora_lightning.layers import AdapterModule, LoRALayer, ModulesToSave
 
 
 @dataclass(frozen=True)
@@ -36,37 +33,46 @@ def lora_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[t
             yield name, module
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """The names of the adapters of ``model``, in the order the model's layers first hold them (which is not
-    necessarily the order they were added)."""
-    return list(dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.adapter_names))
-
-
-def mark_trained_in_full(module: nn.Module) -> None:
-    setattr(module, _TRAINED_IN_FULL, True)
-
-
-def trained_in_full_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every module marked by ``modules_to_save`` with its module name."""
+def adapter_modules(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, AdapterModule]]:
+    """Every module holding adapters (LoRA layers, ``modules_to_save`` copies, trainable token rows) of ``model``
+    (holding adapter ``adapter_name``, if given) with its module name, outer ones before those they wrap."""
     for name, module in model.named_modules():
-        if getattr(module, _TRAINED_IN_FULL, False):
+        if isinstance(module, AdapterModule) and (adapter_name is None or adapter_name in module.adapter_names):
             yield name, module
 
 
-def named_adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, str, nn.Parameter]]:
-    """``(state_dict key, PEFT file key, tensor)`` for every tensor (``A``, ``B``, DoRA magnitude) of adapter
-    ``adapter_name``, or of every adapter; both keys are relative to ``model``."""
-    for name, layer in lora_layers(model, adapter_name):
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters of ``model``, in the order the model's modules first hold them (which is not
+    necessarily the order they were added)."""
+    return list(dict.fromkeys(n for _, module in adapter_modules(model) for n in module.adapter_names))
+
+
+def trained_in_full_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    """Every ``modules_to_save`` wrapper with its module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def named_adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """``(state_dict key, PEFT file key, tensor)`` for every tensor of adapter ``adapter_name`` (or of every adapter):
+    ``A``, ``B``, DoRA magnitudes, ``modules_to_save`` copies (their buffers too) and trainable token rows; both keys
+    are relative to ``model``. Tied copies yield their shared tensor under each key."""
+    for name, module in adapter_modules(model, adapter_name):
         prefix = f"{name}." if name else ""
-        for adapter in [adapter_name] if adapter_name else layer.adapter_names:
-            for file_key, tensor in layer.adapter_tensors(adapter).items():
-                yield prefix + layer.state_key(adapter, file_key), prefix + file_key, tensor
+        for adapter in [adapter_name] if adapter_name else module.adapter_names:
+            for file_key, tensor in module.adapter_tensors(adapter).items():
+                yield prefix + module.state_key(adapter, file_key), prefix + file_key, tensor
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.Parameter]:
-    """The trainable tensors (``A``, ``B``, DoRA magnitudes) of adapter ``adapter_name``, or of every adapter."""
+    """The trainable tensors of adapter ``adapter_name``, or of every adapter: ``A``, ``B``, DoRA magnitudes, the
+    parameters of ``modules_to_save`` copies and trainable token rows, each once."""
+    seen = set()
     for _, _, tensor in named_adapter_tensors(model, adapter_name):
-        yield tensor
+        if isinstance(tensor, nn.Parameter) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield tensor
 
 
 def tied_parameter_ids(model: nn.Module) -> set[int]:
@@ -76,22 +82,18 @@ def tied_parameter_ids(model: nn.Module) -> set[int]:
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """What a LoRA fine-tune changes: the tensors of adapter ``adapter_name`` (or of every adapter) and of
-    ``modules_to_save``, keyed as in ``model.state_dict()`` (detached; no copies)."""
-    state = {key: tensor.detach() for key, _, tensor in named_adapter_tensors(model, adapter_name)}
-    for name, module in trained_in_full_modules(model):
-        state.update(module.state_dict(prefix=f"{name}." if name else "", keep_vars=False))
-    return state
+    """What a LoRA fine-tune changes: the tensors of adapter ``adapter_name`` (or of every adapter), its
+    ``modules_to_save`` copies and trainable token rows included, keyed as in ``model.state_dict()`` (detached; no
+    copies). The originals of ``modules_to_save`` are the frozen base: not included."""
+    return {key: tensor.detach() for key, _, tensor in named_adapter_tensors(model, adapter_name)}
 
 
 def mark_only_adapters_trainable(model: nn.Module, adapter_name: str | None = None) -> None:
-    """Freeze every parameter, then make adapter ``adapter_name`` (or every adapter) and the
-    ``modules_to_save`` modules trainable."""
+    """Freeze every parameter, then make adapter ``adapter_name`` (or every adapter) trainable, its
+    ``modules_to_save`` copies and trainable token rows included."""
     model.requires_grad_(False)
     for param in adapter_parameters(model, adapter_name):
         param.requires_grad_(True)
-    for _, module in trained_in_full_modules(model):
-        module.requires_grad_(True)
 
 
 def param_summary(model: nn.Module) -> ParamSummary:

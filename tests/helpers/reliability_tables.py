@@ -27,6 +27,7 @@ GROUPS = {
     "inject": "`inject_lora` / `find_targets`",
     "load": "`load_adapter` (every message names the folder or the file in it)",
     "save": "`save_adapter`",
+    "mixed": "`per_sample_adapters` (one adapter per sample of a batch)",
     "callback": "`LoRAFinetuneCallback(...)`",
     "fit": "`Trainer.fit` with the callback",
     "resume": "`Trainer.fit(ckpt_path=...)`: resuming",

@@ -339,12 +339,6 @@ def _disable(model, adapters):
         (_duplicate_inject, TargetError, "already has adapter 'a'"),
         (lambda m, ad: load_adapter(m, ad.paths["c"], adapter_name="a"), AdapterFormatError, "adapter 'a'"),
         (lambda m, ad: load_adapter(m, ad.paths["c"], adapter_name="x.y"), AdapterFormatError, "'x.y'"),
-        (lambda m, ad: load_adapter(m, ad.paths["head"], adapter_name="h"), AdapterFormatError, "modules_to_save"),
-        (
-            lambda m, ad: inject_lora(m, LoRAConfig(target_modules=["up_proj"], modules_to_save=["lm_head"]), "h"),
-            TargetError,
-            "adapter 'h' cannot join adapters ['a', 'b']",
-        ),
     ],
     ids=[
         "switch_unknown",
@@ -353,8 +347,6 @@ def _disable(model, adapters):
         "inject_duplicate",
         "load_other_modules_under_existing_name",
         "load_bad_name",
-        "load_modules_to_save_beside_others",
-        "inject_modules_to_save_beside_others",
     ],
 )
 def test_errors_name_the_value_and_leave_the_model_untouched(adapters, call, error, fragment):
@@ -368,19 +360,35 @@ def test_errors_name_the_value_and_leave_the_model_untouched(adapters, call, err
     assert not (adapters.paths["a"].parent / "z").exists()
 
 
-def test_an_adapter_with_modules_to_save_stays_alone(adapters):
-    """modules_to_save are trained in full in place: a second adapter would run (and save) the first one's
-    head, so it is refused rather than silently serving the wrong output."""
-    model = serving(adapters, ("head",))
-    close(logits(model), adapters.expected["head"])
-    before = snapshot(model)
-    with pytest.raises(AdapterFormatError, match=r"cannot join adapters \['head'\].*modules_to_save"):
-        load_adapter(model, adapters.paths["a"], adapter_name="a")
-    with pytest.raises(TargetError, match=r"cannot join adapters \['head'\]"):
-        inject_lora(model, LoRAConfig(target_modules=["q_proj"]), "a")
-    assert_unchanged(model, before)
-    load_adapter(model, adapters.paths["head"], adapter_name="head")  # reloading the same adapter is fine
-    close(logits(model), adapters.expected["head"])
+def test_each_adapter_has_its_own_copy_of_modules_to_save(adapters, tmp_path):
+    """modules_to_save as PEFT does it: the original head stays as it was and each adapter trains its own copy,
+    switched with the active adapter; an adapter without a copy ("a") and disabled adapters run the original.
+    PEFT's own model with both heads loaded is the oracle, and each adapter saves back to the file PEFT wrote."""
+    second = peft.get_peft_model(
+        make_llama(0), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
+    perturb_peft_adapter(second, seed=21)
+    second.save_pretrained(tmp_path / "head2")
+    theirs = peft.PeftModel.from_pretrained(make_llama(0), adapters.paths["head"], adapter_name="head").eval()
+    theirs.load_adapter(tmp_path / "head2", adapter_name="head2")
+
+    model = serving(adapters, ("head", "a"))
+    load_adapter(model, tmp_path / "head2", adapter_name="head2")
+    assert sorted(model.lm_head.modules_to_save) == ["head", "head2"]
+    for name in ("head", "head2"):
+        set_active_adapter(model, name)
+        theirs.set_adapter(name)
+        close(logits(model), logits(theirs))
+    close(logits(model), logits(second.eval()))
+    set_active_adapter(model, "a")
+    close(logits(model), adapters.expected["a"])
+    with disable_adapters(model):
+        close(logits(model), adapters.base)
+    for name, path in (("head", adapters.paths["head"]), ("head2", tmp_path / "head2")):
+        ours = load_file(save_adapter(model, tmp_path / f"ours-{name}", adapter_name=name) / WEIGHTS_NAME)
+        original = load_file(path / WEIGHTS_NAME)
+        assert ours.keys() == original.keys()
+        assert all(torch.equal(ours[k], original[k]) for k in ours), name
 
 
 def _merged_model(adapters: Adapters) -> nn.Module:
@@ -511,8 +519,8 @@ def test_loraplus_with_an_injected_adapter_leaves_modules_to_save_at_the_base_lr
     assert sorted(named[id(p)] for p in a_group["params"]) == [
         "net.0.lora_A.default.weight",
         "net.2.lora_A.default.weight",
-        "net.4.bias",
-        "net.4.weight",
+        "net.4.modules_to_save.default.bias",
+        "net.4.modules_to_save.default.weight",
     ]
     assert a_group["lr"] == pytest.approx(1e-3) and b_group["lr"] == pytest.approx(16e-3)
 

@@ -42,14 +42,15 @@ def test_fit_trains_only_adapters_and_modules_to_save(tmp_path):
         "net.0.lora_B.default.weight",
         "net.2.lora_A.default.weight",
         "net.2.lora_B.default.weight",
-        "net.4.weight",
-        "net.4.bias",
+        "net.4.modules_to_save.default.weight",  # the adapter's copy of the head; the original stays frozen
+        "net.4.modules_to_save.default.bias",
     }
     state = module.state_dict()
     for key in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"):
         adapted = key.replace("net.0.", "net.0.base_layer.").replace("net.2.", "net.2.base_layer.")
         assert torch.equal(state[adapted], base_before[key])  # frozen base never moved
-    assert not torch.equal(state["net.4.weight"], base_before["net.4.weight"])  # the head trained in full
+    assert not torch.equal(state["net.4.modules_to_save.default.weight"], base_before["net.4.weight"])  # trained
+    assert torch.equal(state["net.4.original_module.weight"], base_before["net.4.weight"])  # the original kept
     assert torch.count_nonzero(state["net.0.lora_B.default.weight"]) > 0
 
 

@@ -116,7 +116,7 @@ def test_fit_from_a_yaml_sets_every_argument_trains_the_adapters_and_steps_the_s
     # LoRA+ groups, each halved once per epoch by the StepLR from the YAML
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([LR * GAMMA**2, LR * RATIO * GAMMA**2])
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())  # LightningCLI's record of the run
-    assert saved["trainer"]["callbacks"][0]["init_args"]["config"] == LORA
+    assert LoRAConfig(**saved["trainer"]["callbacks"][0]["init_args"]["config"]) == LoRAConfig(**LORA)  # + defaults
 
 
 def test_the_yaml_of_the_docs_fits_and_one_field_is_overridden_from_the_command_line(tmp_path):

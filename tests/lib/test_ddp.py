@@ -29,7 +29,7 @@ def test_ddp_trains_adapters_only_checkpoints_once_and_resumes(tmp_path):
     assert set(ranks[0]["params_with_grad"]) == {
         "net.0.lora_A.default.weight", "net.0.lora_B.default.weight",
         "net.2.lora_A.default.weight", "net.2.lora_B.default.weight",
-        "net.4.weight", "net.4.bias",
+        "net.4.modules_to_save.default.weight", "net.4.modules_to_save.default.bias",  # the head's trained copy
     }  # fmt: skip
     checkpoints = sorted(p.name for p in (tmp_path / "first" / "ckpt").iterdir())
     assert checkpoints == ["epoch=1-step=4.ckpt", "last.ckpt"]  # written once (rank 0), no stray temp files

@@ -231,7 +231,8 @@ def test_model_card_has_the_hub_front_matter_the_config_and_the_metrics():
     shown = json.loads(text.split("```json\n")[1].split("```")[0])
     assert shown | {"target_modules": sorted(shown["target_modules"])} == {
         "peft_type": "LORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "lora_bias": False,
+        "ensure_weight_tying": False,
     }  # fmt: skip
     assert "| val/ppl | 58.43 |" in text
     assert "| step | 40 |" in text

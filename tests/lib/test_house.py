@@ -23,10 +23,14 @@ APP_PACKAGES = ("hydra", "omegaconf", "wandb", "transformers")  # (torchmetrics 
 
 
 def library_modules() -> dict[str, Path]:
-    """``lora_lightning.<name>`` -> file, for every module of the library (the app excluded)."""
-    return {f"lora_lightning.{p.stem}": p for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init__"} | {
-        "lora_lightning": PACKAGE / "__init__.py"
-    }
+    """``lora_lightning.<name>`` -> file, for every module of the library, subpackages included (the app
+    excluded)."""
+    modules = {}
+    for file in sorted(PACKAGE.rglob("*.py")):
+        parts = file.relative_to(PACKAGE).with_suffix("").parts
+        if parts[0] != "app":
+            modules[".".join(("lora_lightning", *parts[: -1 if parts[-1] == "__init__" else None]))] = file
+    return modules
 
 
 def module_level_imports(file: Path) -> list[str]:

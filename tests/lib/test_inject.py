@@ -10,11 +10,12 @@ from lora_lightning import (
     TargetError,
     adapter_parameters,
     find_targets,
-    inject,
     inject_lora,
     merge_lora,
+    sizing,
     unload_lora,
 )
+from lora_lightning.layers import ModulesToSave
 from tests.helpers.adapters import assert_unchanged, snapshot
 from tests.helpers.models import make_llama, make_mlp
 
@@ -66,7 +67,9 @@ def test_modules_to_save_are_trained_in_full_and_not_adapted():
     model = make_mlp()
     report = inject_lora(model, LoRAConfig(r=2, target_modules="[024]", modules_to_save=["4"]))
     assert report.targets == ["0", "2"] and report.modules_to_save == ["4"]
-    assert isinstance(model[4], nn.Linear) and all(p.requires_grad for p in model[4].parameters())
+    assert isinstance(model[4], ModulesToSave) and isinstance(model[4].original_module, nn.Linear)
+    assert all(p.requires_grad for p in model[4].modules_to_save["default"].parameters())
+    assert not any(p.requires_grad for p in model[4].original_module.parameters())
 
 
 def test_inject_freezes_the_base_and_counts_parameters():
@@ -110,7 +113,7 @@ def test_the_adapter_bytes_are_checked_against_the_free_memory_of_their_device(m
     `free_bytes` reports: one byte short is refused before any change, enough passes."""
     need = 4 * 4 * (16 + 32 + 32 + 32)
     for free, refused in ((need - 1, True), (need, False)):
-        monkeypatch.setattr(inject, "free_bytes", lambda device, free=free: free)
+        monkeypatch.setattr(sizing, "free_bytes", lambda device, free=free: free)
         model = make_mlp()
         before = snapshot(model)
         if refused:

@@ -114,7 +114,7 @@ def test_load_freezes_the_base_and_makes_adapters_trainable_only_on_request(save
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     adapters = {n for n in flags if ".lora_" in n}
-    head = {"4.weight", "4.bias"}
+    head = {"4.modules_to_save.default.weight", "4.modules_to_save.default.bias"}  # the copy; the original stays
     assert adapters == {f"{m}.lora_{ab}.default.weight" for m in ("0", "2") for ab in "AB"}
     assert all(flags[n] is trainable for n in adapters | head), flags
     assert not any(flags[n] for n in set(flags) - adapters - head), "the base must stay frozen"

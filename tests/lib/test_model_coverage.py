@@ -233,7 +233,8 @@ def test_fine_tune_save_load_and_peft(name, tmp_path):
     trained = adapter_state_dict(model)
     after = model.state_dict()
     for key, value in after.items():
-        original = key.replace(".base_layer.", ".")
+        original = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        original = original.replace(".original_module.", ".")
         if key in trained:  # a modules_to_save tensor; adapter tensors were not in the base
             assert original not in base or not torch.equal(value, base[original]), f"{key} did not train"
         else:

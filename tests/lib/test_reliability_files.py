@@ -114,8 +114,12 @@ def resume(module: pl.LightningModule, tmp_path: Path, ckpt_path: Path, callback
 
 
 def base_tensors(module: pl.LightningModule) -> dict[str, torch.Tensor]:
-    """The module's base parameters under their original names, whether or not LoRA wraps them."""
-    return {k.replace(".base_layer", ""): v.clone() for k, v in module.state_dict().items() if ".lora_" not in k}
+    """The module's base parameters under their original names, whether or not LoRA (or modules_to_save) wraps them."""
+    return {
+        k.replace(".base_layer", "").replace(".original_module", ""): v.clone()
+        for k, v in module.state_dict().items()
+        if ".lora_" not in k and ".modules_to_save." not in k
+    }
 
 
 @pytest.mark.parametrize("force_unsafe_default", [False, True], ids=["torch_default", "TORCH_FORCE_NO_WEIGHTS_ONLY"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lora_lightning import LoRAConfig, TargetError, inject_lora, load_adapter, save_adapter
-from lora_lightning.inject import free_bytes
 from lora_lightning.params import lora_layers
+from lora_lightning.sizing import free_bytes
 from tests.helpers.adapters import assert_unchanged, perturb_adapters_, snapshot
 from tests.helpers.models import make_llama
 

@@ -31,6 +31,7 @@ from lora_lightning import (
     TargetError,
     inject_lora,
     load_adapter,
+    per_sample_adapters,
     save_adapter,
 )
 from lora_lightning.peft_format import CONFIG_NAME, WEIGHTS_NAME
@@ -162,6 +163,28 @@ def config_rank_pattern_with_too_many_entries(tmp, mp):
     return None, lambda: LoRAConfig(rank_pattern={f"layer{i}": 2 for i in range(5000)})
 
 
+@case(ValueError, "lora_bias='yes'", "must be true or false")
+def config_lora_bias_is_a_string(tmp, mp):
+    return None, lambda: LoRAConfig(lora_bias="yes")
+
+
+@case(ValueError, "trainable_token_indices=[-1]", "token ids (ints >= 0)", "e.g. [0, 10]")
+def config_token_id_is_negative(tmp, mp):
+    return None, lambda: LoRAConfig(trainable_token_indices=[-1])
+
+
+@case(ValueError, "layers_to_transform=[0] works with a list of target_modules only", "target_modules='q_proj'")
+def config_layers_to_transform_with_a_regex_target(tmp, mp):
+    """PEFT applies the layer filter to list targets only; a regex would silently ignore it."""
+    return None, lambda: LoRAConfig(target_modules="q_proj", layers_to_transform=[0])
+
+
+@case(ValueError, "'velora_config' (VeLoRA): not implemented by lora-lightning", "known fields")
+def config_research_field_from_a_dict(tmp, mp):
+    """Research variants of PEFT's LoraConfig are named, not reported as typos."""
+    return None, lambda: LoRAConfig.from_dict({"r": 8, "velora_config": {"num_groups": 2}})
+
+
 # ----------------------------------------------------------------------------------------------- inject_lora
 
 
@@ -191,12 +214,13 @@ def inject_into_a_norm_layer(tmp, mp):
     return model, lambda: inject_lora(model, LoRAConfig(r=2, target_modules=["norm"]))
 
 
-@case(TargetError, "layer 'conv'", "groups=1, dilation=1 and padding_mode='zeros' only", "'groups': 2")
-def inject_into_a_grouped_conv(tmp, mp):
+@case(TargetError, "layer 'conv'", "groups=2 takes ranks that are multiples of 2", "not r=3", "rank_pattern")
+def inject_into_a_grouped_conv_with_an_odd_rank(tmp, mp):
+    """Grouped convolutions take LoRA as in PEFT: B is grouped, so r must be a multiple of the groups."""
     model = nn.Sequential()
     model.add_module("conv", nn.Conv2d(4, 8, 3, groups=2))
     model.add_module("head", nn.Linear(8, 2))
-    return model, lambda: inject_lora(model, LoRAConfig(r=2, target_modules=["conv"]))
+    return model, lambda: inject_lora(model, LoRAConfig(r=3, target_modules=["conv"]))
 
 
 @case(TargetError, "leaves no layer to adapt", "none (the model has no layer of a supported type")
@@ -262,6 +286,24 @@ def inject_with_an_exclude_regex_that_matches_nothing(tmp, mp):
     return model, lambda: inject_lora(model, LoRAConfig(exclude_modules=r"decoder\..*"))
 
 
+@case(TargetError, "target_parameters: ['nope.weight'] match no parameter", "adaptable layers: q_proj (x2)")
+def inject_target_parameters_that_match_nothing(tmp, mp):
+    model = make_llama()
+    return model, lambda: inject_lora(model, LoRAConfig(target_modules=["q_proj"], target_parameters=["nope.weight"]))
+
+
+@case(TargetError, "'model.embed_tokens' has 128 rows; ids [1000000] are not among them", "resize the embeddings")
+def inject_token_ids_beyond_the_embedding(tmp, mp):
+    model = make_llama()
+    return model, lambda: inject_lora(model, LoRAConfig(target_modules=["q_proj"], trainable_token_indices=[10**6]))
+
+
+@case(TargetError, "layers_to_transform=[7] (layers_pattern=None) keeps none of the 2 layers", "model.layers.<i>")
+def inject_layers_to_transform_that_keeps_nothing(tmp, mp):
+    model = make_llama()
+    return model, lambda: inject_lora(model, LoRAConfig(target_modules=["q_proj"], layers_to_transform=[7]))
+
+
 # ---------------------------------------------------------------------------------------------- load_adapter
 
 
@@ -318,7 +360,8 @@ def load_config_use_rslora_is_a_string(tmp, mp):
 @case(
     AdapterFormatError,
     "{tmp}/adapter/adapter_config.json",
-    "init_lora_weights='loftq': must be one of kaiming, gaussian, pissa, pissa_niter_<k> (k <= 64), olora",
+    "init_lora_weights='loftq': LoftQ init is not implemented",
+    "must be one of kaiming, gaussian, pissa, pissa_niter_<k> (k <= 64), olora",
 )
 def load_config_init_we_do_not_implement(tmp, mp):
     """The file's init is checked by LoRAConfig's own rule (one list of inits), and named by PEFT's key."""
@@ -456,6 +499,22 @@ def load_under_adapter_name_none(tmp, mp):
     return model, lambda: load_adapter(model, path, adapter_name=None)
 
 
+@case(
+    AdapterFormatError,
+    "{tmp}/adapter/adapter_config.json",
+    "velora_config=",
+    "VeLoRA, which is not implemented by lora-lightning",
+)
+def load_config_with_a_research_variant(tmp, mp):
+    """A PEFT file of a variant we do not implement is refused by PEFT's key, not loaded as plain LoRA."""
+    return load_into_mlp(tmp, lambda p: edit_config(p, velora_config={"num_groups": 2}))
+
+
+@case(AdapterFormatError, "{tmp}/adapter/adapter_config.json", "lora_bias='yes': must be true or false")
+def load_config_lora_bias_is_a_string(tmp, mp):
+    return load_into_mlp(tmp, lambda p: edit_config(p, lora_bias="yes"))
+
+
 # ---------------------------------------------------------------------------------------------- save_adapter
 
 
@@ -502,6 +561,32 @@ def save_with_a_base_model_name_that_is_a_number(tmp, mp):
 def save_with_an_adapter_name_that_is_a_number(tmp, mp):
     model = lora_mlp()
     return model, lambda: save_adapter(model, tmp / "adapter", adapter_name=5)
+
+
+# -------------------------------------------------------------------------------------- per_sample_adapters
+
+
+def _enter(model: nn.Module, names: Any) -> None:
+    with per_sample_adapters(model, names):
+        pass
+
+
+@case(ValueError, "per_sample_adapters: the model has no adapter(s) ['nope']; it has ['default']")
+def mixed_batch_with_an_unknown_name(tmp, mp):
+    model = adapted_mlp().eval()
+    return model, lambda: _enter(model, ["default", "nope"])
+
+
+@case(ValueError, "per_sample_adapters: the model is in training mode", "model.eval()")
+def mixed_batch_in_training_mode(tmp, mp):
+    model = adapted_mlp().train()
+    return model, lambda: _enter(model, ["default"])
+
+
+@case(TypeError, "per_sample_adapters(adapter_names='default')", "one adapter name per sample", "'__base__'")
+def mixed_batch_with_a_single_name_string(tmp, mp):
+    model = adapted_mlp().eval()
+    return model, lambda: _enter(model, "default")
 
 
 # ------------------------------------------------------------------------------------------- the callback
@@ -692,7 +777,12 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 
 def base_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k.replace(".base_layer", ""): v.clone() for k, v in module.state_dict().items() if ".lora_" not in k}
+    """The base model's tensors by their names before injection (a modules_to_save original is the base)."""
+    return {
+        k.replace(".base_layer", "").replace(".original_module", ""): v.clone()
+        for k, v in module.state_dict().items()
+        if ".lora_" not in k and ".modules_to_save." not in k
+    }
 
 
 def test_the_table_has_at_least_30_cases():
