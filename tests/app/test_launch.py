@@ -42,13 +42,13 @@ def test_a_switch_with_an_unknown_value_is_a_config_error(tmp_path, override, me
 
 def test_the_lora_summary_names_what_all_linear_left_out() -> None:
     from lora_lightning import LoRAConfig, inject_lora
-    from lora_lightning.app.models import MeanPoolClassifier, tiny_encoder
+    from lora_lightning.app.models import tiny_encoder
 
-    model = MeanPoolClassifier(tiny_encoder().model, num_labels=2)
+    model = tiny_encoder(num_labels=2).model
     config = LoRAConfig(r=4, alpha=8, target_modules="all-linear", modules_to_save=["classifier"])
     inject_lora(model, config)
     line = console.lora_summary(model, config)
-    assert line.startswith("LoRA r=4 alpha=8 on 12 layers (query x2, key x2, value x2, dense x6); trainable params")
+    assert line.startswith("LoRA r=4 alpha=8 on 13 layers (query x2, key x2, value x2, dense x7); trainable params")
     assert line.endswith("trained in full: classifier; all-linear left out: classifier")
 
 
