@@ -54,7 +54,7 @@ def save_run_adapter(trainer: pl.Trainer, module: pl.LightningModule, adapter_di
             task_type=getattr(module, "task_type", None),
             state_dict={k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
         )
-        log.info("adapter saved to %s (PEFT format: PeftModel.from_pretrained or lora_lightning.load_adapter)", adapter_dir)
+        log.info("adapter saved to %s (PEFT format: PeftModel.from_pretrained or load_adapter)", adapter_dir)
     return adapter_dir
 
 
