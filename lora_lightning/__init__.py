@@ -2,7 +2,7 @@
 
 from lora_lightning.adapters import active_adapter, delete_adapter, disable_adapters, set_active_adapter
 from lora_lightning.callback import LoRAFinetuneCallback
-from lora_lightning.checkpoint_io import SafeCheckpointIO
+from lora_lightning.checkpoint_io import LoRACheckpointMixin, SafeCheckpointIO, inject_from_checkpoint
 from lora_lightning.config import AdapterSpec, LoRAConfig
 from lora_lightning.export import model_card, save_merged, write_model_card
 from lora_lightning.fused import FusionReport, install_fused_paths, remove_fused_paths
@@ -27,6 +27,7 @@ __all__ = [
     "FusionReport",
     "InjectionReport",
     "KernelReport",
+    "LoRACheckpointMixin",
     "LoRAConfig",
     "LoRAConv",
     "LoRAEmbedding",
@@ -44,6 +45,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "find_targets",
+    "inject_from_checkpoint",
     "inject_lora",
     "install_fused_paths",
     "load_adapter",

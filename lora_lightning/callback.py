@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
-from torch.optim import Optimizer
 from typing_extensions import override
 
 from lora_lightning.checkpoint_io import (
@@ -22,12 +21,16 @@ from lora_lightning.checkpoint_io import (
     make_checkpoints_adapter_only,
 )
 from lora_lightning.config import LoRAConfig, _is_positive_finite, is_adapter_name
-from lora_lightning.fused import install_fused_paths, remove_fused_paths
+from lora_lightning.fused import WIRING_KEY, fused_wiring, install_fused_paths, remove_fused_paths, restore_fused_wiring
 from lora_lightning.inject import find_targets, prepare_adapter
 from lora_lightning.kernels import KERNELS, apply_kernels, check_kernels
 from lora_lightning.modules import shadow_method
 from lora_lightning.optim import build_optimizer, keep_only_trainable_params
 from lora_lightning.params import adapter_names, param_summary
+
+if TYPE_CHECKING:  # jsonargparse (LightningCLI) reads these hints; importing lightning.pytorch.cli would import it
+    from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+    from torch.optim import Optimizer
 
 
 class LoRAFinetuneCallback(Callback):
@@ -36,11 +39,11 @@ class LoRAFinetuneCallback(Callback):
     Args:
         config: the adapters to inject. ``None`` trains adapters the module already has (e.g. from
             ``load_adapter``).
-        optimizer: optional factory ``params -> Optimizer`` (a Hydra ``_partial_`` fits); when given,
-            the callback builds the optimizer over the trainable parameters instead of the module's
-            ``configure_optimizers``.
-        lr_scheduler: optional factory ``optimizer -> LRScheduler`` (or a Lightning scheduler dict),
-            used with ``optimizer``.
+        optimizer: optional factory ``params -> Optimizer`` (``functools.partial``, a Hydra ``_partial_`` node, or
+            in a LightningCLI YAML an optimizer's ``class_path`` and ``init_args``); when given, the callback builds
+            the optimizer over the trainable parameters instead of the module's ``configure_optimizers``.
+        lr_scheduler: optional factory ``optimizer -> LRScheduler`` (stepped once per epoch), or ``optimizer ->``
+            a Lightning scheduler dict (e.g. ``{"scheduler": ..., "interval": "step"}``); used with ``optimizer``.
         adapter_name: the adapter to inject (or, with ``config=None``, the existing one) and train; the
             module's other adapters stay frozen.
         loraplus_lr_ratio: LoRA+: the ``B`` matrices learn at ``ratio`` times the learning rate of the rest
@@ -55,17 +58,18 @@ class LoRAFinetuneCallback(Callback):
     tolerates the absent base weights. Whatever the module's optimizer was given, it ends up holding
     only trainable parameters. After injection the fused paths of `fused.install_fused_paths` go in (q/k/v and
     gated MLPs as single nodes where their structure fits; one info line says what was not fused); teardown takes
-    them out. One Trainer takes one such callback.
+    them out. One Trainer takes one such callback. Every argument can be set from a LightningCLI YAML file
+    (``trainer.callbacks``; the extra ``cli``), ``config`` as a mapping of `LoRAConfig` fields.
     """
 
     def __init__(
         self,
         config: LoRAConfig | None = None,
-        optimizer: Callable[[list[nn.Parameter]], Optimizer] | None = None,
-        lr_scheduler: Callable[[Optimizer], Any] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | Callable[[Optimizer], dict[str, Any]] | None = None,
         adapter_name: str = "default",
         loraplus_lr_ratio: float | None = None,
-        kernels: str = "none",
+        kernels: Literal["none", "liger"] = "none",
     ) -> None:
         if config is not None and not isinstance(config, LoRAConfig):
             raise TypeError(
@@ -128,7 +132,6 @@ class LoRAFinetuneCallback(Callback):
         if trainer.is_global_zero:
             check_checkpoint_dirs_writable(trainer)
         summary = param_summary(pl_module)
-        rank_zero_info(f"LoRAFinetuneCallback: {summary}")
         for logger in trainer.loggers:
             logger.log_hyperparams(
                 {
@@ -143,6 +146,13 @@ class LoRAFinetuneCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         check_checkpoint_config(checkpoint, self.config)
+        restore_fused_wiring(pl_module, checkpoint.get(WIRING_KEY, {}))
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[WIRING_KEY] = fused_wiring(pl_module)  # a resumed run's first step fuses as this run does
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -157,8 +167,8 @@ class LoRAFinetuneCallback(Callback):
             adapting = find_targets(pl_module, self.config, self.adapter_name) if injecting else []
             apply_kernels(pl_module, self.kernels, adapting)
         report = prepare_adapter(pl_module, self.config, self.adapter_name)
-        if report is not None:
-            rank_zero_info(f"LoRAFinetuneCallback: {report}")
+        # one line: the injection report (which already counts the parameters), or the counts where none was made
+        rank_zero_info(f"LoRAFinetuneCallback: {report if report is not None else param_summary(pl_module)}")
         make_checkpoints_adapter_only(pl_module, self.config)
         install_fused_paths(pl_module, self.kernels)
 

@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import stat
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -17,11 +18,13 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import nn
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from lora_lightning.config import AdapterSpec, LoRAConfig
 from lora_lightning.files import reworded, write_file_atomically
+from lora_lightning.inject import find_targets, inject_lora
 from lora_lightning.modules import canonical_name, shadow_method
 from lora_lightning.params import adapter_names, adapter_state_dict, lora_layers
 from lora_lightning.peft_format import CONFIG_NAME
@@ -246,3 +249,85 @@ def _tolerate_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
     by `canonical_name` (FSDP1 reports missing keys with wrapper segments)."""
     required = {canonical_name(k) for k in adapter_state_dict(module)}
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if canonical_name(k) in required]
+
+
+def inject_from_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any]) -> list[str]:
+    """Give a freshly built ``module`` the adapters that an adapter-only checkpoint of it records (`ADAPTERS_KEY`:
+    every adapter's hyperparameters per layer; ``modules_to_save`` from `CHECKPOINT_KEY`), as the callback
+    injected them, so that the checkpoint's weights load strictly: the absent base weights are tolerated, a missing
+    adapter tensor still fails. Adapters the module already has are kept (their hyperparameters are checked); of
+    those injected, the last one recorded becomes active (`set_active_adapter` picks another). A checkpoint
+    without the record (a full one) changes nothing. Everything is checked before the module changes. Returns the
+    names of the adapters injected."""
+    recorded = checkpoint.get(ADAPTERS_KEY)
+    if not isinstance(recorded, dict) or not recorded:
+        return []
+    check_checkpoint_adapters(checkpoint, module)
+    trained_with = _trained_with(checkpoint)
+    saved = trained_with.modules_to_save if trained_with is not None and len(recorded) == 1 else None
+    have = set(adapter_names(module))
+    configs = {name: _recorded_config(layers, saved) for name, layers in recorded.items() if name not in have}
+    for name, config in configs.items():  # every adapter fits before any goes in
+        absent = sorted(set(recorded[name]) - set(find_targets(module, config, name)))
+        if absent:
+            raise ValueError(
+                f"the checkpoint's adapter {name!r} is on {len(absent)} layer(s) that this "
+                f"{type(module).__name__} does not have (e.g. {absent[0]!r}); load it into the module it was "
+                "trained as, built with the same arguments"
+            )
+    for name, config in configs.items():
+        inject_lora(module, config, name)
+    make_checkpoints_adapter_only(module, trained_with)
+    return list(configs)
+
+
+def _recorded_config(layers: dict[str, dict[str, Any]], modules_to_save: list[str] | None) -> LoRAConfig:
+    """The `LoRAConfig` that injects exactly ``layers`` (``{layer: AdapterSpec as a dict}``) with their specs."""
+    specs = {name: AdapterSpec(**values) for name, values in layers.items()}
+    shared = {(s.dropout, s.use_rslora, s.use_dora, s.init) for s in specs.values()}
+    if len(shared) > 1:
+        raise ValueError(
+            f"the checkpoint's {ADAPTERS_KEY!r} gives one adapter layers with different dropout, rslora, dora or "
+            f"init {sorted(shared)}, which no LoRAConfig describes"
+        )
+    ((dropout, use_rslora, use_dora, init),) = shared
+    r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
+    alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]
+    exactly = {name: "^" + re.escape(name) for name in specs}  # a pattern key matches a name or a dotted suffix
+    return LoRAConfig(
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules="|".join(re.escape(name) for name in specs),  # a regex matches whole names
+        use_rslora=use_rslora,
+        modules_to_save=modules_to_save,
+        use_dora=use_dora,
+        init=init,
+        rank_pattern={exactly[n]: s.r for n, s in specs.items() if s.r != r},
+        alpha_pattern={exactly[n]: s.alpha for n, s in specs.items() if s.alpha != alpha},
+    )
+
+
+class LoRACheckpointMixin:
+    """Mix into a LightningModule (``class MyModule(LoRACheckpointMixin, pl.LightningModule)``) so that the module
+    loads its adapter-only checkpoints without the callback: ``MyModule.load_from_checkpoint(path)`` and
+    ``trainer.validate/test/predict(module, ckpt_path=path)`` inject the recorded adapters
+    (`inject_from_checkpoint`) before the weights load. ``load_from_checkpoint`` unpickles weights-only unless
+    given ``weights_only=False`` (for a file you trust)."""
+
+    @_restricted_classmethod  # Lightning's: refused on an instance, whose result would be dropped
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: _PATH,
+        map_location: Any = None,
+        hparams_file: _PATH | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        weights_only = True if weights_only is None else weights_only
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        inject_from_checkpoint(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)

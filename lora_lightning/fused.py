@@ -38,6 +38,7 @@ from lora_lightning.modules import canonical_name
 
 # The attribute holding what `install_fused_paths` put on a module (`_Installed`).
 _INSTALLED = "_lora_fused_paths"
+WIRING_KEY = "lora_fused_wiring"  # the checkpoint key of `fused_wiring`
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,34 @@ def fused_paths_installed(model: nn.Module) -> bool:
     return any(_INSTALLED in module.__dict__ for module in model.modules())
 
 
+def fused_wiring(model: nn.Module) -> dict[str, list[list[str]]]:
+    """Which siblings share their input, as the first forward settled it: ``{parent name: [[child names in call
+    order], ...]}`` (an empty list where none share), for the parents that have seen a forward."""
+    wiring: dict[str, list[list[str]]] = {}
+    for name, module in model.named_modules():
+        installed = module.__dict__.get(_INSTALLED)
+        for group in installed.groups if installed is not None else ():
+            sets = group.sets if group.sets is not None else group._settled
+            if sets is not None:
+                shared = [[group.names[layer] for layer in siblings] for siblings in dict.fromkeys(sets.values())]
+                wiring.setdefault(name, []).extend(shared)
+    return wiring
+
+
+def restore_fused_wiring(model: nn.Module, wiring: dict[str, list[list[str]]]) -> None:
+    """Settle the shared-input groups as `fused_wiring` recorded them (from a checkpoint), so that a resumed run's
+    first step takes the fused path that the run it resumes took, bit for bit. Parents not recorded watch their
+    first forward as usual."""
+    for name, module in model.named_modules():
+        installed = module.__dict__.get(_INSTALLED)
+        if installed is None or name not in wiring:
+            continue
+        for group in installed.groups:
+            layers = {child: layer for layer, child in group.names.items()}
+            shared = [tuple(layers[c] for c in s) for s in wiring[name] if s and all(c in layers for c in s)]
+            group.settle({layer: siblings for siblings in shared for layer in siblings})
+
+
 # ------------------------------------------------------------------------------------------------------ shared input
 
 
@@ -161,6 +190,11 @@ class SharedInputGroup:
         out = outputs.pop(layer)
         self._pending[siblings] = (x, _version(x), outputs)
         return out
+
+    def settle(self, sets: dict[LoRALinear, tuple[LoRALinear, ...]]) -> None:
+        """Take ``sets`` as what the first forward saw, in effect at once."""
+        self.sets, self._settled = sets, None
+        self._seen.clear()
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -337,8 +337,10 @@ def _select(modules: dict[str, nn.Module], pattern: list[str] | str, field: str,
 
 
 def _visible_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's modules by name as a user sees them: a LoRA layer stands for its base layer (it is
-    matched by its own name and adapted by adding an adapter), and nothing inside it is listed."""
+    """The model's modules by the names a user sees and writes: without wrapper segments (`canonical_name`; a
+    ``torch.compile``'d ``net`` lists its layers as ``net.0``, not ``net._orig_mod.0``, and the wrapper stands for
+    the module it wraps), and with a LoRA layer standing for its base layer (it is matched by its own name and
+    adapted by adding an adapter) and nothing inside it listed."""
     modules = {}
     inside = ()
     for name, module in model.named_modules():
@@ -346,9 +348,8 @@ def _visible_modules(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(module, LoRALayer):
             inside = (name + ".",)
-            modules[name] = module.base_layer
-            continue
-        modules[name] = module
+            module = module.base_layer
+        modules.setdefault(canonical_name(name), module)
     return modules
 
 
@@ -356,12 +357,13 @@ def output_heads(model: nn.Module) -> set[str]:
     """The output layers that 'all-linear' leaves alone. Hugging Face models name theirs: the module any of them
     reports from ``get_output_embeddings()``, else a task head called ``classifier`` or ``score``; a headless
     backbone has none, so all its layers are adapted, as PEFT does. Outside Hugging Face models, the last
-    linear layer is taken for the head (a plain ``nn.Module``, or a head put on top of a backbone)."""
-    named = list(model.named_modules())
-    hf_models = [n for n, m in named if callable(getattr(m, "get_output_embeddings", None))]
+    linear layer is taken for the head (a plain ``nn.Module``, or a head put on top of a backbone). Names are
+    those of `_visible_modules`."""
+    named = [(canonical_name(n), m) for n, m in model.named_modules()]
+    hf_models = {n: m for n, m in named if callable(getattr(m, "get_output_embeddings", None))}
     heads = set()
-    for name in hf_models:
-        head = model.get_submodule(name).get_output_embeddings()
+    for hf_model in hf_models.values():
+        head = hf_model.get_output_embeddings()
         if isinstance(head, nn.Module):
             heads.update(n for n, m in named if m is head)
     if heads:
@@ -376,9 +378,20 @@ def output_heads(model: nn.Module) -> set[str]:
 
 
 def _candidates(modules: dict[str, nn.Module], limit: int = 20) -> str:
-    counts = Counter(n.rsplit(".", 1)[-1] for n, m in modules.items() if lora_layer_type(m) is not None)
+    """The adaptable layers by `_shown_name`, counted: ``q_proj (x24), ..., net.0``."""
+    counts = Counter(_shown_name(n) for n, m in modules.items() if lora_layer_type(m) is not None)
     if not counts:
         return f"none (the model has no layer of a supported type: {SUPPORTED_LAYERS})"
     shown = [f"{leaf} (x{count})" if count > 1 else leaf for leaf, count in counts.most_common(limit)]
     more = f", ... {len(counts) - limit} more" if len(counts) > limit else ""
     return ", ".join(shown) + more
+
+
+def _shown_name(name: str) -> str:
+    """The shortest dotted suffix of ``name`` that does not start with a position: ``q_proj`` for
+    ``model.layers.0.self_attn.q_proj``, ``net.0`` for ``net.0`` (an index alone names no layer)."""
+    parts = name.split(".")
+    start = len(parts) - 1
+    while start > 0 and parts[start].isdigit():
+        start -= 1
+    return ".".join(parts[start:])

@@ -159,7 +159,7 @@ def load_adapter(
     saved = [p for p in names if is_saved(p)]
     # Only the model's own module names are ever matched against the file's patterns: a name that is only in
     # the file is reported by _check_fit, unmatched.
-    targets = [names[p] for p in sorted(lora) if p in names]
+    targets = [p for p in sorted(lora) if p in names]
     if not targets:
         raise AdapterFormatError(
             f"load_adapter: {str(weights_file)!r} does not fit this model: none of its {len(lora)} adapted modules "
@@ -169,7 +169,7 @@ def load_adapter(
     config = LoRAConfig(
         **values,
         target_modules="|".join(re.escape(t) for t in targets),
-        modules_to_save=[names[p] for p in saved] or None,
+        modules_to_save=saved or None,
     )
     extra_keys = _check_fit(model, config, adapter_name, lora, extra, names, saved, weights_file)
 

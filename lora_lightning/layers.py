@@ -164,8 +164,9 @@ class LoRALayer(nn.Module):
         x = x.to(adapter_dtype) if x.is_floating_point() else x
         update = self._update(self.lora_dropout[name](x), name).to(out.dtype)
         if not spec.use_dora:
-            # The base output is not saved for backward, so the update can be accumulated in place.
-            return out.add_(update, alpha=spec.scaling)
+            # The base output is not saved for backward, so the update can be accumulated in place. It is scaled
+            # first: Inductor's addmm patterns drop add_'s alpha (silently wrong; pytorch#167313, #196577).
+            return out.add_(update * spec.scaling)
         scale = (self.lora_magnitude_vector[name] / self._weight_norm(name).detach()).to(out.dtype)
         bias = getattr(self.base_layer, "bias", None)
         unbiased = out if bias is None else out - self._channel_view(bias)

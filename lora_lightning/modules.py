@@ -109,9 +109,16 @@ def _walk(items: list, inside_repeat: bool) -> Iterator[tuple[Any, Any, bool]]:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` is."""
+    """Put ``new`` where the submodule ``name`` is; ``name`` may leave out wrapper segments (``net.0`` for
+    ``net._orig_mod.0``): the child is replaced inside the wrapper, where the wrapper's forward finds it."""
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
+    parent = model.get_submodule(parent_name)
+    while child not in parent._modules:
+        wrapped = [m for n, m in parent.named_children() if n in WRAPPER_SEGMENTS]
+        if not wrapped:
+            break
+        parent = wrapped[0]
+    setattr(parent, child, new)
 
 
 def shadow_method(module: nn.Module, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:

@@ -88,9 +88,14 @@ def test_an_in_process_sweep_with_ddp_stops_at_once_with_a_non_zero_exit(tmp_pat
 @pytest.mark.multiprocess
 def test_a_sweep_whose_every_trial_failed_exits_non_zero(tmp_path) -> None:
     sweep = tmp_path / "sweep"
-    done = run_script(tmp_path, "-m", *tiny(tmp_path, "logger=csv", "lora.r=4096,8192", f"hydra.sweep.dir={sweep}"))
+    done = run_script(
+        tmp_path,
+        "-m",
+        *tiny(tmp_path, "logger=csv", "lora.target_modules=[no_such_layer],[nor_this]", f"hydra.sweep.dir={sweep}"),
+    )  # fail in the trial, at setup
     assert done.returncode == 1, (done.stdout + done.stderr)[-3000:]
     assert "every trial of the sweep failed (2 of 2 failed" in done.stdout + done.stderr
-    ok = run_script(tmp_path, "-m", *tiny(tmp_path, "logger=csv", "trainer.max_steps=1", "lora.r=2,4096",
+    ok = run_script(tmp_path, "-m", *tiny(tmp_path, "logger=csv", "trainer.max_steps=1",
+                                          "lora.target_modules=all-linear,[no_such_layer]",
                                           f"hydra.sweep.dir={tmp_path / 'mixed'}"))  # fmt: skip
     assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]

@@ -249,3 +249,11 @@ def test_a_second_lora_callback_in_one_trainer_is_refused_before_any_change(tmp_
         fit(module, tmp_path, callbacks=[second], lora=first)
     assert not any(isinstance(m, LoRALinear) for m in module.modules()), "an adapter was injected"
     assert module.state_dict().keys() == before.keys()
+
+
+def test_one_summary_line_per_fit_naming_the_layers_and_the_parameter_counts(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
+        fit(MLPModule(), tmp_path, LoRAConfig(r=4, alpha=8, target_modules=["net.0"]), epochs=1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRAFinetuneCallback:")]
+    assert len(lines) == 1, lines
+    assert "on 1 layer;" in lines[0] and lines[0].count("trainable params: ") == 1, lines

@@ -19,7 +19,7 @@ from lora_lightning import (
     fused,
     inject_lora,
 )
-from lora_lightning.fused import install_fused_paths, remove_fused_paths
+from lora_lightning.fused import fused_wiring, install_fused_paths, remove_fused_paths, restore_fused_wiring
 from tests.helpers.models import make_llama
 
 
@@ -222,6 +222,26 @@ def test_siblings_fed_other_tensors_never_share(monkeypatch):
     for _ in range(2):
         torch.testing.assert_close(module(x, memory), reference(x, memory))
     assert {n for n, layer in module.named_children() if layer.input_group.sets.get(layer)} == {"k", "v"}
+    assert calls == {"lora_shared_input": 1}
+
+
+def test_the_wiring_a_forward_settled_restores_so_a_resumed_model_fuses_from_its_first_step(monkeypatch):
+    calls = count_calls(monkeypatch, "lora_shared_input")
+    module = adapted(SplitInputs)
+    install_fused_paths(module)
+    assert fused_wiring(module) == {}  # nothing seen yet
+    x, memory = torch.randn(4, 8), torch.randn(4, 8)
+    module(x, memory)
+    wiring = fused_wiring(module)
+    assert wiring == {"": [["k", "v"]]}
+    resumed, reference = adapted(SplitInputs), adapted(SplitInputs)
+    install_fused_paths(resumed)
+    restore_fused_wiring(resumed, wiring)
+    torch.testing.assert_close(resumed(x, memory), reference(x, memory))
+    assert calls == {"lora_shared_input": 1}  # the first forward already ran k+v as one node
+    assert fused_wiring(resumed) == wiring
+    restore_fused_wiring(resumed, {"": []})  # recorded as sharing nothing: never shares
+    resumed(x, memory)
     assert calls == {"lora_shared_input": 1}
 
 

@@ -540,7 +540,7 @@ def fit(module: MLPModule, tmp: Path, config: LoRAConfig | None = CONFIG, ckpt_p
     return lambda: trainer.fit(module, classification_data(), ckpt_path=ckpt_path)
 
 
-@case(TargetError, "target_modules: ['net.9'] match no module", "adaptable layers: 0, 2, 4")
+@case(TargetError, "target_modules: ['net.9'] match no module", "adaptable layers: net.0, net.2, net.4")
 def fit_with_a_target_that_matches_nothing(tmp, mp):
     module = MLPModule()
     return module, fit(module, tmp, LoRAConfig(target_modules=["net.9"]))
