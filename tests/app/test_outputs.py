@@ -6,13 +6,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file
 
 from lora_lightning.app import tracking
 from lora_lightning.app.models.backbones import MINILM_PACKAGE, SMOLLM2_GGUF, SMOLLM2_PACKAGE, package_dir
+from lora_lightning.app.outputs import check_merged_export
+from lora_lightning.app.schema import ConfigError
 from lora_lightning.app.train import train
 from tests.helpers.app import compose_train, sentiment_rows, wandb_run, write_csv
 
@@ -129,3 +133,8 @@ def test_peft_loads_the_smollm2_adapter_onto_the_packaged_gguf(tmp_path) -> None
         ours = objects["module"].eval()(batch["input_ids"], batch["attention_mask"])
         theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-4)
+
+
+def test_a_merged_export_from_sharded_weights_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match=r"export.merged=true with trainer.strategy=FSDPStrategy"):
+        check_merged_export(SimpleNamespace(strategy=FSDPStrategy()))
