@@ -68,7 +68,7 @@ def test_a_run_starts_quietly_with_the_config_tree_and_one_summary_line(tmp_path
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert [c for c in CHATTER if c in output] == []
-    assert output.count("LoRA r=8 alpha=16 on 12 layers") == 1
+    assert output.count("LoRA r=8 alpha=16 on 13 layers") == 1  # the pooler's dense layer too
     assert "all-linear left out: model.classifier" in output
     assert "├── lora" in output and "target_modules: all-linear" in output  # the resolved config as a tree
 
