@@ -8,6 +8,7 @@ import huggingface_hub
 import lightning.pytorch as pl
 import pytest
 import torch
+import transformers
 
 from lora_lightning.app.models import (
     Backbone,
@@ -41,6 +42,16 @@ def test_the_classifier_is_transformers_classification_model_with_a_new_head() -
 def test_the_classifier_refuses_a_bare_encoder() -> None:
     with pytest.raises(ValueError, match=r"got BertModel; load the backbone with num_labels"):
         SequenceClassifier(tiny_encoder())
+
+
+def test_the_classifier_refuses_a_head_it_would_not_train() -> None:
+    lm = tiny_causal_lm()
+    config = transformers.LlamaConfig(**{**lm.model.config.to_dict(), "num_labels": 2})
+    scored = Backbone(
+        model=transformers.LlamaForSequenceClassification(config), tokenizer=lm.tokenizer, name_or_path=None
+    )
+    with pytest.raises(ValueError, match=r"LlamaForSequenceClassification has none .* `score`"):
+        SequenceClassifier(scored)
 
 
 def test_the_classifier_refuses_data_with_other_labels() -> None:

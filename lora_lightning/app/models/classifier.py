@@ -38,6 +38,11 @@ class SequenceClassifier(pl.LightningModule):
                 f"SequenceClassifier needs a classification model (AutoModelForSequenceClassification), got {name}; "
                 "load the backbone with num_labels, e.g. model.backbone.num_labels=2"
             )
+        if not isinstance(getattr(backbone.model, "classifier", None), nn.Module):
+            raise ValueError(
+                f"SequenceClassifier trains the new head as `classifier`, and {name} has none (its head has another "
+                "name, e.g. `score`); use an encoder whose head is `classifier` (BERT, RoBERTa, DeBERTa, ELECTRA)"
+            )
         self.save_hyperparameters(ignore=["backbone"])
         # .train(): loaders hand over eval mode, and Lightning keeps submodules' modes (no dropout otherwise)
         self.model = backbone.model.train()
