@@ -1,4 +1,5 @@
-"""Time per training step and peak memory of a run, for sweep reports."""
+"""Time per training step, peak memory and the held-out metrics of every validation during training: what a
+run measured, for sweep reports and the W&B adapter artifact."""
 
 from __future__ import annotations
 
@@ -28,19 +29,22 @@ def rss_mib() -> float:
 class RunStats(Callback):
     """Median wall time of a training step (forward, backward, optimizer; data loading excluded) after
     ``warmup_steps``, and peak memory: CUDA memory allocated on a GPU, else the process's resident memory
-    sampled after every step (so jobs run one after another in one process are measured separately)."""
+    sampled after every step (so jobs run one after another in one process are measured separately).
+    ``validations`` holds the ``val/`` metrics of each validation during fit (not the sanity check)."""
 
     def __init__(self, warmup_steps: int = 2) -> None:
         self.warmup_steps = warmup_steps
         self.durations: list[float] = []
         self.steps = 0
         self.peak_rss_mib = 0.0
+        self.validations: list[dict[str, float]] = []
         self._started = 0.0
         self._cuda: torch.device | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.durations.clear()
+        self.validations.clear()
         self.steps = 0
         self.peak_rss_mib = rss_mib()
         device = pl_module.device
@@ -63,6 +67,12 @@ class RunStats(Callback):
         self.durations.append(time.perf_counter() - self._started)
         self.steps += 1
         self.peak_rss_mib = max(self.peak_rss_mib, rss_mib())
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            metrics = trainer.callback_metrics.items()
+            self.validations.append({k: float(v) for k, v in metrics if k.startswith("val/")})
 
     def summary(self) -> dict[str, Any]:
         """``time_per_step_s``, ``peak_memory_mib`` and ``memory_kind`` (``cuda_allocated`` / ``cpu_rss``)."""

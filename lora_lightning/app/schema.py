@@ -87,6 +87,11 @@ class SweepSchema:
 
 
 @dataclass
+class ExportSchema:
+    merged: bool = False  # also write the merged model as a transformers folder (<run dir>/merged)
+
+
+@dataclass
 class TrainSchema:
     model: Any = MISSING
     data: Any = MISSING
@@ -116,6 +121,7 @@ class TrainSchema:
     print_config: bool = True
     tags: List[str] = field(default_factory=list)  # noqa: UP006
     sweep: SweepSchema = field(default_factory=SweepSchema)
+    export: ExportSchema = field(default_factory=ExportSchema)
 
 
 def register() -> None:

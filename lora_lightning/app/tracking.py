@@ -3,11 +3,13 @@ end of every job (``wandb.finish``) so that jobs of one multirun never share a W
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hydra_plugins.lora_lightning_launcher.gpu_pool import SWEEP_DIR_ENV
+from lora_lightning.peft_format import CONFIG_NAME
 
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run")
 # Overrides that say where or how a run happens, not what it trains: left out of run names.
 _NOT_IN_NAME = re.compile(
-    r"(hydra|paths|logger|callbacks|launcher|sweep)(\..*)?|"
+    r"(hydra|paths|logger|callbacks|launcher|sweep|export)(\..*)?|"
     r"trainer\.(fast_dev_run|limit_\w+|accelerator|devices|num_nodes|enable_\w+|log_every_n_steps|default_root_dir)|"
     r"data\.(num_workers|cache_dir|\w*_file)|task_name|tags|save_adapter|log_adapter_artifact|eval_before|print_config|debug"
 )
@@ -208,15 +211,35 @@ def log_summary(loggers: Sequence[Logger], values: dict[str, Any]) -> None:
 
 
 @rank_zero_only
-def log_adapter_artifact(loggers: Sequence[Logger], adapter_dir: Path, name: str) -> None:
-    """Upload (or, offline, stage for ``wandb sync``) the adapter folder as a W&B ``model`` artifact."""
+def log_adapter_artifact(
+    loggers: Sequence[Logger], adapter_dir: Path, name: str, metrics: Mapping[str, Any], aliases: Sequence[str]
+) -> None:
+    """Upload (or, offline, stage for ``wandb sync``) the adapter folder as a W&B ``model`` artifact with
+    ``aliases``; its metadata holds the LoRA config (``adapter_config.json``'s values, under ``lora``) and
+    ``metrics``."""
     import wandb
 
+    lora = json.loads((adapter_dir / CONFIG_NAME).read_text())
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            artifact = wandb.Artifact(name=re.sub(r"[^\w.-]+", "-", f"adapter-{name}"), type="model")
+            artifact = wandb.Artifact(
+                name=re.sub(r"[^\w.-]+", "-", f"adapter-{name}"), type="model", metadata={"lora": lora, **metrics}
+            )
             artifact.add_dir(str(adapter_dir))
-            logger.experiment.log_artifact(artifact)
+            logger.experiment.log_artifact(artifact, aliases=list(aliases))
+
+
+def artifact_aliases(metrics: Mapping[str, Any], validations: Sequence[Mapping[str, float]]) -> list[str]:
+    """``latest`` for the run's adapter, and ``best`` too when its held-out metric (``metrics["after"]``) is at
+    least as good as every other held-out evaluation of the run (before training and ``validations`` during it),
+    as Lightning's W&B logger marks the best checkpoint."""
+    name, mode = metrics.get("metric_name"), metrics.get("metric_mode")
+    final = metrics.get("after", {}).get(name)
+    if final is None or math.isnan(final):
+        return ["latest"]
+    seen = [v[name] for v in (metrics.get("before", {}), *validations) if name in v and not math.isnan(v[name])]
+    optimum = max if mode == "max" else min
+    return ["latest", "best"] if optimum([final, *seen]) == final else ["latest"]
 
 
 def finish(failed: bool = False) -> None:

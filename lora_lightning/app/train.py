@@ -28,8 +28,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
-from lora_lightning import LoRAConfig, LoRAFinetuneCallback, find_targets, load_adapter, param_summary, save_adapter
-from lora_lightning.app import console, schema, switches, throughput, tracking
+from lora_lightning import LoRAConfig, LoRAFinetuneCallback, find_targets, load_adapter, param_summary
+from lora_lightning.app import console, outputs, schema, switches, throughput, tracking
 from lora_lightning.app.resume import LoaderPosition
 from lora_lightning.app.runstats import RunStats
 from lora_lightning.files import write_text_atomically
@@ -47,7 +47,6 @@ def config_dir() -> Path:
 CONF_DIR = config_dir()
 METRICS_FILE = "metrics.json"
 IN_PROCESS_LAUNCHERS = {"BasicLauncher", "JoblibLauncher"}
-ADAPTER_DIR = "adapter"
 
 schema.register()
 
@@ -73,6 +72,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         extra = [stats, LoaderPosition(), console.LoRASummary(lora_config)]
         trainer = objects["trainer"] = build_trainer(cfg, None if cfg.adapter_path else lora_config, extra)
         refuse_ranks_in_a_shared_sweep_process(trainer)  # before any model or logger exists
+        if cfg.export.merged:
+            outputs.check_merged_export(trainer)
 
         module = objects["module"] = instantiate(cfg.model)
         datamodule = objects["datamodule"] = instantiate(cfg.data, tokenizer=module.tokenizer)
@@ -100,11 +101,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics["metric"] = metrics.get("after", {}).get(metric_name, math.nan)
         metrics["params"] = trainable_counts(module)
 
+        summary = summary_values(metrics)
         if cfg.save_adapter and cfg.train:
-            metrics["adapter_dir"] = str(save_run_adapter(trainer, module, info.output_dir / ADAPTER_DIR))
+            card = outputs.card_metrics(summary)
+            metrics.update(outputs.save_run_outputs(trainer, module, info.output_dir, card, merged=cfg.export.merged))
             if cfg.log_adapter_artifact:
-                tracking.log_adapter_artifact(loggers, info.output_dir / ADAPTER_DIR, info.name)
-        tracking.log_summary(loggers, summary_values(metrics))
+                aliases = tracking.artifact_aliases(metrics, stats.validations)
+                tracking.log_adapter_artifact(loggers, Path(metrics["adapter_dir"]), info.name, card, aliases)
+        tracking.log_summary(loggers, summary)
         metrics["status"] = "ok"
         failed = False
         return metrics, objects
@@ -144,22 +148,6 @@ def prepare_network(cfg: DictConfig, module: pl.LightningModule, lora_config: Lo
         find_targets(module, lora_config)  # a TargetError naming the layers that could be adapted
     if cfg.compile:
         switches.compile_network(module)
-
-
-def save_run_adapter(trainer: pl.Trainer, module: pl.LightningModule, adapter_dir: Path) -> Path:
-    """The PEFT folder, written by global rank 0. Every rank joins the gather of a sharded strategy (FSDP)."""
-    state = trainer.strategy.lightning_module_state_dict()
-    if trainer.is_global_zero:
-        prefix = "model."
-        save_adapter(
-            module.model,
-            adapter_dir,
-            overwrite=True,
-            base_model_name_or_path=module.base_model_name_or_path,
-            state_dict={k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
-        )
-        log.info("adapter saved to %s (PEFT format; load with lora_lightning.load_adapter)", adapter_dir)
-    return adapter_dir
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

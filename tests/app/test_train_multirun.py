@@ -57,12 +57,13 @@ def test_each_trial_is_its_own_offline_wandb_run_with_its_config(sweep: Path) ->
         assert run["config"]["lora"]["r"] == r and run["config"]["lora"]["alpha"] == alpha
         assert 0 < run["config"]["params/trainable"] < run["config"]["params/total"]
         assert run["artifacts"] == [f"adapter-{name}"]  # log_adapter_artifact=true
+        assert run["artifact"][f"adapter-{name}"]["metadata"]["lora"]["r"] == r  # the LoRA config as metadata
 
 
 def test_each_trial_leaves_a_loadable_peft_adapter(sweep: Path, tmp_path) -> None:
     model = instantiate(compose_train(["model=tiny_classifier"], output_dir=tmp_path).model)
     report = load_adapter(model.model, sweep / "r4_a8" / "adapter")
-    assert report.modules_to_save == ["classifier"] and len(report.targets) == 12
+    assert report.modules_to_save == ["classifier"] and len(report.targets) == 13  # with the pooler's dense
     config = json.loads((sweep / "r4_a8" / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 8.0)
 

@@ -84,10 +84,11 @@ def wandb_records(path: Path) -> Iterator[Any]:
 
 
 def wandb_run(run_dir: Path) -> dict[str, Any]:
-    """Name, group, id and config of the one offline W&B run under ``run_dir/wandb``."""
+    """Name, group, id and config of the one offline W&B run under ``run_dir/wandb``, the names of its
+    artifacts and, by name, each one's ``aliases`` and ``metadata``."""
     files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"expected one offline W&B run under {run_dir}, found {files}"
-    info: dict[str, Any] = {"config": {}, "artifacts": []}
+    info: dict[str, Any] = {"config": {}, "artifacts": [], "artifact": {}}
     for record in wandb_records(files[0]):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -96,7 +97,10 @@ def wandb_run(run_dir: Path) -> dict[str, Any]:
         elif kind == "config":
             updates = record.config.update
         elif kind == "artifact":
-            info["artifacts"].append(record.artifact.name)
+            artifact = record.artifact
+            info["artifacts"].append(artifact.name)
+            metadata = json.loads(artifact.metadata) if artifact.metadata else {}
+            info["artifact"][artifact.name] = {"aliases": list(artifact.aliases), "metadata": metadata}
             continue
         else:
             continue

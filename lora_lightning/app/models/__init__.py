@@ -9,12 +9,11 @@ from lora_lightning.app.models.backbones import (
     tiny_encoder,
 )
 from lora_lightning.app.models.causal_lm import CausalLM
-from lora_lightning.app.models.classifier import MeanPoolClassifier, SequenceClassifier
+from lora_lightning.app.models.classifier import SequenceClassifier
 
 __all__ = [
     "Backbone",
     "CausalLM",
-    "MeanPoolClassifier",
     "SequenceClassifier",
     "from_pretrained",
     "packaged_minilm",

@@ -21,6 +21,7 @@ class CausalLM(pl.LightningModule):
 
     new_modules: tuple[str, ...] = ()
     default_metric: tuple[str, str] = ("val/ppl", "min")
+    task_type: str = "CAUSAL_LM"  # PEFT's task type: PeftModel.from_pretrained builds its causal-LM model
 
     def __init__(self, backbone: Backbone, lr: float = 1e-4) -> None:
         super().__init__()
@@ -28,6 +29,7 @@ class CausalLM(pl.LightningModule):
         self.model = backbone.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.tokenizer = backbone.tokenizer
         self.base_model_name_or_path = backbone.name_or_path
+        self.base_load_kwargs = backbone.load_kwargs
         self.lr = lr
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 

@@ -1,4 +1,5 @@
-"""Sequence classification over a Hugging Face encoder: mean pooling and a new linear head."""
+"""Sequence classification with transformers' own classification model of an encoder, so that an adapter
+trained here is PEFT's ``SEQ_CLS`` adapter of ``AutoModelForSequenceClassification.from_pretrained(base)``."""
 
 from __future__ import annotations
 
@@ -9,48 +10,46 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from lora_lightning.app.models.backbones import Backbone
 
-
-class MeanPoolClassifier(nn.Module):
-    """``classifier(dropout(mean of the encoder's token states over the attention mask))``."""
-
-    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.encoder = encoder
-        if getattr(encoder, "pooler", None) is not None:
-            encoder.pooler = None  # BERT's [CLS] pooler is unused with mean pooling (and would idle under DDP)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-        return self.classifier(self.dropout(pooled))
+CLASSIFICATION_MODELS = frozenset(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
 
 
 class SequenceClassifier(pl.LightningModule):
-    """Fine-tunes an encoder for classification; logs ``val/acc`` and macro ``val/f1`` (torchmetrics).
+    """Fine-tunes a ``*ForSequenceClassification`` network (a backbone loaded with ``num_labels``); logs
+    ``val/acc`` and macro ``val/f1`` (torchmetrics). The network's config says how many labels there are.
 
-    The head is new, so it must be trained in full: ``new_modules`` lists it for ``modules_to_save``.
-    ``lr`` is used only when no optimizer factory is given to the LoRA callback.
+    The head (``classifier``) is new, so it must be trained in full: ``new_modules`` lists it for
+    ``modules_to_save``, as PEFT's ``SEQ_CLS`` task does. ``lr`` is used only when no optimizer factory is given
+    to the LoRA callback.
     """
 
     new_modules: tuple[str, ...] = ("classifier",)
     default_metric: tuple[str, str] = ("val/acc", "max")
+    task_type: str = "SEQ_CLS"  # PEFT's task type: PeftModel.from_pretrained builds its classification model
 
-    def __init__(self, backbone: Backbone, num_labels: int = 2, classifier_dropout: float = 0.1, lr: float = 1e-3):
+    def __init__(self, backbone: Backbone, lr: float = 1e-3):
         super().__init__()
-        if num_labels < 2:
-            raise ValueError(f"num_labels={num_labels}: a classifier needs at least 2 labels")
+        name = type(backbone.model).__name__
+        if name not in CLASSIFICATION_MODELS:
+            raise ValueError(
+                f"SequenceClassifier needs a classification model (AutoModelForSequenceClassification), got {name}; "
+                "load the backbone with num_labels, e.g. model.backbone.num_labels=2"
+            )
+        if not isinstance(getattr(backbone.model, "classifier", None), nn.Module):
+            raise ValueError(
+                f"SequenceClassifier trains the new head as `classifier`, and {name} has none (its head has another "
+                "name, e.g. `score`); use an encoder whose head is `classifier` (BERT, RoBERTa, DeBERTa, ELECTRA)"
+            )
         self.save_hyperparameters(ignore=["backbone"])
         # .train(): loaders hand over eval mode, and Lightning keeps submodules' modes (no dropout otherwise)
-        self.model = MeanPoolClassifier(backbone.model, num_labels, classifier_dropout).train()
+        self.model = backbone.model.train()
         self.tokenizer = backbone.tokenizer
         self.base_model_name_or_path = backbone.name_or_path
-        self.num_labels = num_labels
+        self.base_load_kwargs = backbone.load_kwargs
+        self.num_labels = num_labels = self.model.config.num_labels
         self.lr = lr
         self.train_acc = MulticlassAccuracy(num_labels, average="micro")
         self.val_metrics = MetricCollection(
@@ -63,12 +62,12 @@ class SequenceClassifier(pl.LightningModule):
         found = getattr(datamodule, "num_labels", None)
         if found is not None and found != self.num_labels:
             raise ValueError(
-                f"the data has {found} labels ({datamodule.label_names}) but model.num_labels={self.num_labels}; "
-                f"set model.num_labels={found}"
+                f"the data has {found} labels ({datamodule.label_names}) but the model has {self.num_labels}; "
+                f"set model.backbone.num_labels={found}"
             )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
