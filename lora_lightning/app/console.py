@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # logger name -> message starts that say nothing a user can act on (optional native libraries of torchao,
 # deprecations inside torch's and Lightning's own code, Lightning's advertisements), and the callback's two
-# summary lines, which `LoRASummary` replaces by one.
+# summary line, which `LoRASummary` replaces by its own.
 CHATTER = {
     "torchao": ("Failed to load",),
     "torchao.kernel.intmm": ("Warning: Detected no triton",),
@@ -52,6 +52,14 @@ def quiet() -> None:
             logger.addFilter(_DropStarts(starts))
     for pattern in WARNING_PATTERNS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def unquiet() -> None:
+    """Take `quiet`'s logger filters off again (for a process that goes on after the app, such as a test run)."""
+    for name in CHATTER:
+        logger = logging.getLogger(name)
+        for added in [f for f in logger.filters if isinstance(f, _DropStarts)]:
+            logger.removeFilter(added)
 
 
 @rank_zero_only

@@ -3,7 +3,6 @@ for the rest of its process: each app test takes those filters off again, so lat
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +13,4 @@ from lora_lightning.app import console
 @pytest.fixture(autouse=True)
 def _loggers_as_they_were() -> Iterator[None]:
     yield
-    for name in console.CHATTER:
-        logger = logging.getLogger(name)
-        for added in [f for f in logger.filters if isinstance(f, console._DropStarts)]:
-            logger.removeFilter(added)
+    console.unquiet()
