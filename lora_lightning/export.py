@@ -95,10 +95,12 @@ def model_card(
     tags: Sequence[str] = (),
     task_type: str | None = None,
     title: str | None = None,
+    base_model_kwargs: Mapping[str, Any] | None = None,
 ) -> str:
     """The ``README.md`` of an adapter folder: YAML front matter the Hub reads (``base_model``, ``library_name:
     peft``, ``tags``, ``license`` and ``pipeline_tag`` when known), how to load it, its LoRA config (a `LoRAConfig`
-    or the ``adapter_config.json`` values, shown with PEFT's keys) and ``metrics``."""
+    or the ``adapter_config.json`` values, shown with PEFT's keys) and ``metrics``. ``base_model_kwargs`` go into the
+    load line's ``from_pretrained`` call (a GGUF base's ``gguf_file``, a classifier's ``num_labels``)."""
     peft = _peft_values(lora)
     pipeline_tag, auto = TASKS.get(task_type or peft.get("task_type") or "", (None, "AutoModel"))
     adapter_of = [f"base_model:adapter:{base_model}"] if base_model else []
@@ -130,7 +132,7 @@ def model_card(
         "from peft import PeftModel",
         f"from transformers import {auto}",
         "",
-        f"base = {auto}.from_pretrained({json.dumps(base_model or '<base model>')})",
+        f"base = {auto}.from_pretrained({json.dumps(base_model or '<base model>')}{_arguments(base_model_kwargs)})",
         'model = PeftModel.from_pretrained(base, "<this folder>")',
         "```",
         "",
@@ -158,6 +160,7 @@ def write_model_card(
     tags: Sequence[str] = (),
     task_type: str | None = None,
     title: str | None = None,
+    base_model_kwargs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path | None:
     """Write `model_card`'s ``README.md`` into the adapter folder ``path`` (atomically) and return its path.
@@ -171,7 +174,10 @@ def write_model_card(
         saved = _read_adapter_config(path / CONFIG_NAME, needed=lora is None)
         lora = saved if lora is None else lora
         base_model = base_model or saved.get("base_model_name_or_path")
-    text = model_card(base_model, lora, metrics, license=license, tags=tags, task_type=task_type, title=title)
+    text = model_card(
+        base_model, lora, metrics, license=license, tags=tags, task_type=task_type, title=title,
+        base_model_kwargs=base_model_kwargs,
+    )  # fmt: skip
     readme = path / CARD_NAME
     if readme.is_file() and not overwrite and CARD_MARK not in readme.read_text(errors="replace"):
         warnings.warn(
@@ -182,6 +188,11 @@ def write_model_card(
         return None
     write_text_atomically(readme, text)
     return readme
+
+
+def _arguments(kwargs: Mapping[str, Any] | None) -> str:
+    """``kwargs`` as keyword arguments of a Python call: ``, gguf_file="x.gguf", num_labels=2``."""
+    return "".join(f", {key}={json.dumps(value)}" for key, value in (kwargs or {}).items())
 
 
 def _merged_copy(model: nn.Module, adapter_name: str) -> nn.Module:

@@ -8,7 +8,6 @@ the task's ``load_kwargs`` (``gguf_file`` of a GGUF base, ``num_labels`` of a cl
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +18,6 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from lora_lightning import save_adapter, save_merged, write_model_card
 from lora_lightning.app.schema import ConfigError
-from lora_lightning.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +60,10 @@ def write_run_card(adapter_dir: Path, module: pl.LightningModule, metrics: Mappi
     """The adapter folder's ``README.md``: base model, LoRA config (read from the folder), the run's metrics and
     how to load it; a README the user wrote there is kept (`lora_lightning.write_model_card`)."""
     base = getattr(module, "base_model_name_or_path", None)
-    card = write_model_card(adapter_dir, base_model=base, metrics=metrics, task_type=getattr(module, "task_type", None))
-    load_kwargs = getattr(module, "base_load_kwargs", None)
-    if card is not None and base and load_kwargs:
-        _add_load_kwargs(card, base, load_kwargs)
-    return card
-
-
-def _add_load_kwargs(card: Path, base: str, load_kwargs: Mapping[str, Any]) -> None:
-    """Put the base's own ``from_pretrained`` arguments (a GGUF file, the number of labels) into the card's load
-    line. Stands in for a ``write_model_card(..., base_model_kwargs=...)`` the library does not have yet."""
-    call = f".from_pretrained({json.dumps(base)}"
-    arguments = "".join(f", {key}={json.dumps(value)}" for key, value in load_kwargs.items())
-    text = card.read_text()
-    if call not in text:
-        raise RuntimeError(f"the model card {card} has no load line {call!r} to complete with {arguments[2:]}")
-    write_text_atomically(card, text.replace(call, call + arguments, 1))
+    return write_model_card(
+        adapter_dir, base_model=base, metrics=metrics, task_type=getattr(module, "task_type", None),
+        base_model_kwargs=getattr(module, "base_load_kwargs", None) if base else None,
+    )  # fmt: skip
 
 
 def card_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
