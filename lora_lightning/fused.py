@@ -126,15 +126,18 @@ def fused_wiring(model: nn.Module) -> dict[str, list[list[str]]]:
 
 def restore_fused_wiring(model: nn.Module, wiring: dict[str, list[list[str]]]) -> None:
     """Settle the shared-input groups as `fused_wiring` recorded them (from a checkpoint), so that a resumed run's
-    first step takes the fused path that the run it resumes took, bit for bit. Parents not recorded watch their
-    first forward as usual."""
+    first step takes the fused path that the run it resumes took, bit for bit. Parents not recorded (or recorded
+    in another shape) watch their first forward as usual."""
+    if not isinstance(wiring, dict):
+        return
     for name, module in model.named_modules():
         installed = module.__dict__.get(_INSTALLED)
-        if installed is None or name not in wiring:
+        recorded = wiring.get(name)
+        if installed is None or not (isinstance(recorded, list) and all(isinstance(s, list) for s in recorded)):
             continue
         for group in installed.groups:
             layers = {child: layer for layer, child in group.names.items()}
-            shared = [tuple(layers[c] for c in s) for s in wiring[name] if s and all(c in layers for c in s)]
+            shared = [tuple(layers[c] for c in s) for s in recorded if s and all(c in layers for c in s)]
             group.settle({layer: siblings for siblings in shared for layer in siblings})
 
 

@@ -240,6 +240,9 @@ def test_the_wiring_a_forward_settled_restores_so_a_resumed_model_fuses_from_its
     torch.testing.assert_close(resumed(x, memory), reference(x, memory))
     assert calls == {"lora_shared_input": 1}  # the first forward already ran k+v as one node
     assert fused_wiring(resumed) == wiring
+    for malformed in (["k", "v"], {"": "kv"}, {"": ["kv"]}):
+        restore_fused_wiring(resumed, malformed)  # ignored: nothing settles from it
+    assert fused_wiring(resumed) == wiring
     restore_fused_wiring(resumed, {"": []})  # recorded as sharing nothing: never shares
     resumed(x, memory)
     assert calls == {"lora_shared_input": 1}
