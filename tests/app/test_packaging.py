@@ -1,5 +1,5 @@
-"""The wheel carries the app: the Hydra configs of conf/ and the console scripts, so a plain (non-editable) install
-runs its own app."""
+"""The wheel carries the whole library and the app: every module, the Hydra configs of conf/ and the console
+scripts, so a plain (non-editable) install runs its own app."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def test_the_wheel_ships_conf_and_the_console_scripts(tmp_path):
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     shipped = {n.removeprefix("lora_lightning/app/conf/") for n in names if n.startswith("lora_lightning/app/conf/")}
     assert shipped == {str(p.relative_to(CONF_DIR)) for p in CONF_DIR.rglob("*.yaml")}
+    modules = {
+        str(p.relative_to(ROOT)) for p in (ROOT / "lora_lightning").rglob("*.py") if "__pycache__" not in p.parts
+    }
+    assert sorted(modules - names) == []  # every module of the library and the app, subpackages too
     assert "lora-lightning-train = lora_lightning.app.train:main" in entry_points
     assert "lora-lightning-sweep-report = lora_lightning.app.sweep_report:main" in entry_points
+    assert "lora-lightning-eval = lora_lightning.app.eval:main" in entry_points
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "scripts/"))]
