@@ -22,7 +22,7 @@ from lora_lightning.params import lora_layers, trained_in_full_modules
 log = logging.getLogger(__name__)
 
 # logger name -> message starts that say nothing a user can act on (optional native libraries of torchao,
-# deprecations inside torch's and Lightning's own code, Lightning's advertisements), and the callback's two
+# deprecations inside torch's and Lightning's own code, Lightning's advertisements), and the callback's
 # summary line, which `LoRASummary` replaces by its own.
 CHATTER = {
     "torchao": ("Failed to load",),
