@@ -192,7 +192,13 @@ def write_model_card(
 
 def _arguments(kwargs: Mapping[str, Any] | None) -> str:
     """``kwargs`` as keyword arguments of a Python call: ``, gguf_file="x.gguf", num_labels=2``."""
-    return "".join(f", {key}={json.dumps(value)}" for key, value in (kwargs or {}).items())
+    try:
+        return "".join(f", {key}={json.dumps(value)}" for key, value in (kwargs or {}).items())
+    except TypeError as error:
+        raise TypeError(
+            f"model card: base_model_kwargs={kwargs!r} must map names to JSON values (str, int, float, bool, None, "
+            f"lists, dicts): {error}"
+        ) from None
 
 
 def _merged_copy(model: nn.Module, adapter_name: str) -> nn.Module:

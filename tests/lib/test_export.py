@@ -242,6 +242,8 @@ def test_model_card_has_the_hub_front_matter_the_config_and_the_metrics():
     assert "AutoModelForSequenceClassification.from_pretrained" in classifier
     gguf = model_card("org/model-GGUF", {"r": 8}, base_model_kwargs={"gguf_file": "m.Q4_1.gguf", "num_labels": 2})
     assert 'AutoModel.from_pretrained("org/model-GGUF", gguf_file="m.Q4_1.gguf", num_labels=2)' in gguf
+    with pytest.raises(TypeError, match=r"base_model_kwargs=\{'dtype': <class 'object'>\} must map names to JSON"):
+        model_card("org/model", {"r": 8}, base_model_kwargs={"dtype": object})
 
 
 def test_write_model_card_reads_the_adapter_folder_and_peft_still_loads_it(tmp_path):
