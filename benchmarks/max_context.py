@@ -35,8 +35,11 @@ DEFAULT_ROWS = ("ours:eager:gc:liger", "peft:eager:gc")
 GIB = 2**30
 
 
-def measure(row_name: str, shape: str, lengths: Sequence[int], steps: int, budget_s: float, device: str) -> dict:
-    """Train ``row_name`` at each length in this process; its JSON record."""
+def measure(
+    row_name: str, shape: str, lengths: Sequence[int], steps: int, budget_s: float, device: str, long_steps: int = 2
+) -> dict:
+    """Train ``row_name`` at each length in this process; its JSON record. After the first length each length runs
+    ``long_steps`` steps: the first a warm-up, the others timed (a single step is timed with its warm-up, cold)."""
     row = parse_row(row_name)
     if not row.checkpointing:
         raise ValueError(f"{row_name}: long-context rows need gradient checkpointing (a ':gc' row)")
@@ -63,18 +66,20 @@ def measure(row_name: str, shape: str, lengths: Sequence[int], steps: int, budge
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device_)
-        count = 1 + (steps if index == 0 else 1)
+        count = 1 + steps if index == 0 else long_steps
         try:
             times = [seconds for seconds, _ in timed_steps(step, count, device_)]
         except torch.cuda.OutOfMemoryError:
             points.append({"tokens": length, "fits": False})
             break
+        timed = times[1:] or times  # one step: its own warm-up, timed cold
         points.append(
             {
                 "tokens": length,
                 "fits": True,
-                "step_ms": median_ms(times[1:]),
-                "steps_timed": len(times) - 1,
+                "step_ms": median_ms(timed),
+                "steps_timed": len(timed),
+                "cold": len(times) == 1,
                 "peak_memory_bytes": torch.cuda.max_memory_allocated(device_) if cuda else None,
             }
         )
@@ -116,6 +121,7 @@ def run_in_subprocess(row: str, args: argparse.Namespace) -> dict:
             f"--steps={args.steps}",
             f"--budget={args.budget}",
             f"--device={args.device}",
+            f"--long-steps={args.long_steps}",
         ]
         command += ["--lengths", *map(str, args.lengths)]
         proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
@@ -143,7 +149,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {record['name']} | failed: {record['error'].splitlines()[-1][:160]} |  |  |  |")
             continue
         for p in record["points"]:
-            step = f"{p['step_ms']:.0f}" if p.get("step_ms") is not None else "-"
+            step = f"{p['step_ms']:.0f}" + (" (cold)" if p.get("cold") else "") if p.get("step_ms") is not None else "-"
             peak = f"{p['peak_memory_bytes'] / GIB:.2f}" if p.get("peak_memory_bytes") else "-"
             fits = {True: "yes", False: "out of memory", None: p.get("note", "-")}[p["fits"]]
             lines.append(f"| {record['name']} | {p['tokens']:,} | {step} | {peak} | {fits} |")
@@ -167,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", default="llama-8b")
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384, 32768, 65536])
     parser.add_argument("--steps", type=int, default=3, help="timed steps at the first length")
+    parser.add_argument(
+        "--long-steps", type=int, default=2, help="steps at each later length: one warm-up, the rest timed (1: cold)"
+    )
     parser.add_argument("--budget", type=float, default=300.0, help="seconds per row before no longer length starts")
     parser.add_argument("--limit-gib", type=float, default=140.0)
     parser.add_argument("--device", default="cuda")
@@ -175,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.row:
-        record = measure(args.row, args.shape, args.lengths, args.steps, args.budget, args.device)
+        record = measure(args.row, args.shape, args.lengths, args.steps, args.budget, args.device, args.long_steps)
         args.row_out.write_text(json.dumps(record))
         return 0
     records = []

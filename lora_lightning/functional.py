@@ -15,11 +15,16 @@ GEMM for all ``A`` factors, ``h = d(x) [A_1; ...; A_n]^T`` (one read of ``x``), 
 ``[gA_1; ...; gA_n] = [gh_1 | ... | gh_n]^T d(x)`` in one GEMM, and ``gx = sum_i g_i W_i + d'([gh_1 | ...] [A_1; ...])``
 accumulated into one buffer.
 
-`lora_gated_mlp`, ``y = down(act(gate(x)) * up(x))`` with all three adapted: ``G`` and ``U`` are gate and up as a
-shared-input pair, ``P = act(G) * U``, and down is a `lora_linear` on ``P`` with its own mask. It saves ``x``,
-``G``, ``U`` and the small ``h``'s, never ``P`` or ``act(G)``: backward recomputes them. Backward:
-``gB_d = s_d g^T h_d``, ``gh_d = s_d g B_d``, ``gA_d = gh_d^T d(P)``, ``gP = g W_d + d'(gh_d A_d)``,
-``gU = gP * act(G)``, ``gG = act'(G) * gP * U``, then the shared-input backward of gate and up.
+`lora_gated_mlp`, ``y = down(act(gate(x)) * up(x))`` with all three adapted, folds the factors into the base
+GEMMs (`MLPBuffers`) so that no rank-``r`` product is added into, or read from, an intermediate-wide tensor on
+its own: ``[x | h_g | h_u]`` (``h = d(x) [A_g; A_u]^T``) times ``[W_g | s_g B_g]`` and ``[W_u | 0 | s_u B_u]``
+gives ``G`` and ``U``; ``P = act(G) * U``; ``P [W_d; A_d]^T = [P W_d^T | h_d]`` gives down's base output and
+``h_d`` in one GEMM (when down has no dropout), and ``y = P W_d^T + b_d + s_d h_d B_d^T``. It saves
+``[x | h_g | h_u]``, ``G``, ``U`` and ``h_d``, never ``P`` or ``act(G)``: backward recomputes them. Backward:
+``gB_d = s_d g^T h_d``, ``gh_d = s_d g B_d``, ``gA_d = gh_d^T d(P)``, ``gP = [g | gh_d] [W_d; A_d]`` (``g W_d +
+d'(gh_d A_d)`` with dropout), ``gU = gP * act(G)``, ``gG = act'(G) * gP * U``, ``gB_g = s_g gG^T h_g`` (and up's),
+``[gx | gh_g | gh_u] = gG [W_g | s_g B_g] + gU [W_u | 0 | s_u B_u]``, ``[gA_g; gA_u] = [gh_g | gh_u]^T d(x)`` and
+``gx += d'([gh_g | gh_u] [A_g; A_u])``.
 
 Masks are never stored: backward replays the fused dropout kernel on the same input from the generator state
 saved in forward, then puts the generator back where it was, so after backward it is where forward left it.
@@ -77,12 +82,65 @@ def lora_gated_mlp(
     up: LinearOperands,
     down: LinearOperands,
     elementwise: str = "torch",
+    buffers: MLPBuffers | None = None,
 ) -> torch.Tensor:
-    """``down(act(gate(x)) * up(x))`` as one node; gate and up must share one dropout probability."""
+    """``down(act(gate(x)) * up(x))`` as one node; gate and up must share one dropout probability. ``buffers``
+    holds the three weights beside their factors (`MLPBuffers.fold`); without it the node folds a copy per call."""
     dropouts = (_one_dropout((gate, up)), down.dropout)
     scalings = (gate.scaling, up.scaling, down.scaling)
-    tensors = [t for layer in (gate, up, down) for t in (layer.weight, layer.bias, layer.lora_a, layer.lora_b)]
-    return _GatedMLPFunction.apply(x, act, elementwise, dropouts, scalings, *tensors)
+    layers = (gate, up, down)
+    if buffers is None:
+        buffers = MLPBuffers.fold(*(layer.weight for layer in layers), *(layer.lora_a.shape[0] for layer in layers))
+    elif not buffers.holds(*(layer.weight for layer in layers)):
+        raise ValueError("lora_gated_mlp: the layers' weights are not the views of `buffers` (MLPBuffers.fold)")
+    tensors = [t for layer in layers for t in (layer.bias, layer.lora_a, layer.lora_b)]
+    return _GatedMLPFunction.apply(x, act, elementwise, dropouts, scalings, buffers, *tensors)
+
+
+class MLPBuffers(NamedTuple):
+    """A gated MLP's frozen weights stored beside its adapters' factors, so that the base GEMMs apply the
+    factors too: ``gate`` is ``[W_g | s_g B_g]`` (``[out, in + r_g]``), ``up`` is ``[W_u | 0 | s_u B_u]`` (``[out, in +
+    r_g + r_u]``), both applied to ``[x | h_g | h_u]``; ``down`` is ``[W_d; A_d]`` (``[out + r_d, in]``), whose
+    product with ``P`` is ``[P W_d^T | P A_d^T]``. The factor blocks are written by each forward and backward."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    ranks: tuple[int, int, int]
+
+    @classmethod
+    def fold(cls, w_g: torch.Tensor, w_u: torch.Tensor, w_d: torch.Tensor, r_g: int, r_u: int, r_d: int) -> MLPBuffers:
+        """New buffers holding copies of ``W_g``, ``W_u`` and ``W_d`` (zeros in the factor blocks)."""
+        width = w_g.shape[1]
+        gate = w_g.new_zeros(w_g.shape[0], width + r_g)
+        up = w_u.new_zeros(w_u.shape[0], width + r_g + r_u)
+        down = w_d.new_zeros(w_d.shape[0] + r_d, w_d.shape[1])
+        buffers = cls(gate, up, down, (r_g, r_u, r_d))
+        for view, weight in zip(buffers.weights(), (w_g, w_u, w_d), strict=True):
+            view.copy_(weight)
+        return buffers
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The views of ``W_g``, ``W_u`` and ``W_d``."""
+        width = self.gate.shape[1] - self.ranks[0]
+        return self.gate[:, :width], self.up[:, :width], self.down[: self.down.shape[0] - self.ranks[2]]
+
+    def holds(self, *weights: torch.Tensor) -> bool:
+        """Whether ``weights`` (gate, up, down) are the views `weights` gives."""
+        return all(
+            w.data_ptr() == v.data_ptr() and w.shape == v.shape and w.stride() == v.stride()
+            for w, v in zip(weights, self.weights(), strict=True)
+        )
+
+    def write_factors(
+        self, lora_b_g: torch.Tensor, lora_b_u: torch.Tensor, lora_a_d: torch.Tensor, scalings: Sequence[float]
+    ) -> None:
+        """Write ``s_g B_g``, ``s_u B_u`` and ``A_d`` into their blocks."""
+        width = self.gate.shape[1] - self.ranks[0]
+        with torch.no_grad():
+            torch.mul(lora_b_g, scalings[0], out=self.gate[:, width:])
+            torch.mul(lora_b_u, scalings[1], out=self.up[:, width + self.ranks[0] :])
+            self.down[self.down.shape[0] - self.ranks[2] :].copy_(lora_a_d)
 
 
 def _one_dropout(layers: Sequence[LinearOperands]) -> float:
@@ -319,42 +377,70 @@ class _GatedMLPFunction(torch.autograd.Function):
         elementwise: str,
         dropouts: tuple[float, float],
         scalings: tuple[float, float, float],
+        buffers: MLPBuffers,
         *tensors: torch.Tensor,
     ) -> torch.Tensor:
-        gate_up, (w_d, b_d, a_d, lora_b_d) = _layers(tensors[:8]), tensors[8:]
+        (b_g, a_g, lora_b_g), (b_u, a_u, lora_b_u), (b_d, a_d, lora_b_d) = (tensors[i : i + 3] for i in (0, 3, 6))
+        buffers.write_factors(lora_b_g, lora_b_u, a_d, scalings)
         flat = _rows(x)
-        a_gu, h_gu, (gate, up) = _shared_forward(ctx, flat, dropouts[0], scalings[:2], gate_up)
+        width, out_d = flat.shape[1], buffers.down.shape[0] - a_d.shape[0]
+        a_gu = torch.cat([a_g, a_u])
+        x_cat = torch.cat([flat, _draw(ctx, "rng_x", flat, dropouts[0]) @ a_gu.t()], dim=1)  # [x | h_g | h_u]
+        gate = F.linear(x_cat[:, : width + a_g.shape[0]], buffers.gate, b_g)
+        up = F.linear(x_cat, buffers.up, b_u)
         product = _gate(act, gate, up, elementwise)
-        h_d = _draw(ctx, "rng_p", product, dropouts[1]) @ a_d.t()
-        out = F.linear(product, w_d, b_d).addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
-        ctx.save_for_backward(x, gate, up, h_gu, a_gu, h_d, w_d, a_d, lora_b_d, *_saved(gate_up))
+        if dropouts[1]:  # h_d reads the dropped product: its own GEMM
+            h_d = _draw(ctx, "rng_p", product, dropouts[1]) @ a_d.t()
+            out = F.linear(product, buffers.down[:out_d], b_d).addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
+        else:  # [y | h_d] = P [W_d; A_d]^T
+            bias = None if b_d is None else torch.cat([b_d, b_d.new_zeros(a_d.shape[0])])
+            both = F.linear(product, buffers.down, bias)
+            h_d = both[:, out_d:].clone()
+            out = both[:, :out_d].addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
+        ctx.save_for_backward(x_cat, gate, up, h_d, a_g, a_u, a_d, lora_b_g, lora_b_u, lora_b_d)
         ctx.act, ctx.elementwise, ctx.dropouts, ctx.scalings = act, elementwise, dropouts, scalings
-        ctx.ranks = _ranks(gate_up)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        ctx.buffers = buffers  # held, not saved: forward and backward write its factor blocks
+        return out.view(*x.shape[:-1], out_d)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, gate, up, h_gu, a_gu, h_d, w_d, a_d, lora_b_d, *saved = ctx.saved_tensors
+        x_cat, gate, up, h_d, a_g, a_u, a_d, lora_b_g, lora_b_u, lora_b_d = ctx.saved_tensors
+        buffers, (s_g, s_u, s_d), (p_gu, p_d) = ctx.buffers, ctx.scalings, ctx.dropouts
+        buffers.write_factors(lora_b_g, lora_b_u, a_d, ctx.scalings)  # another forward may have run since
         needs = ctx.needs_input_grad
-        s_d, p_d = ctx.scalings[2], ctx.dropouts[1]
         g = _rows(grad_out)
-        grad_b_d = torch.mm(g.t(), h_d).mul_(s_d) if needs[16] else None
-        gh_d = torch.mm(g, lora_b_d).mul_(s_d)
+        out_d = g.shape[1]
+        grad_b_d = torch.mm(g.t(), h_d).mul_(s_d) if needs[14] else None
         gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
-        product, keep = _replay(ctx, "rng_p", gated.product, p_d)
-        grad_a_d = torch.mm(gh_d.t(), product) if needs[15] else None
-        del product, gated.product
-        grad_product = _add_input_grad(torch.mm(g, w_d), gh_d, a_d, keep, p_d)
-        del keep
+        if p_d:
+            gh_d = torch.mm(g, lora_b_d).mul_(s_d)
+            product, keep = _replay(ctx, "rng_p", gated.product, p_d)
+            grad_product = _add_input_grad(torch.mm(g, buffers.down[:out_d]), gh_d, a_d, keep, p_d)
+            del keep
+        else:  # gP = [g | gh_d] [W_d; A_d]
+            g_cat = torch.cat([g, torch.mm(g, lora_b_d).mul_(s_d)], dim=1)
+            gh_d, product = g_cat[:, out_d:], gated.product
+            grad_product = torch.mm(g_cat, buffers.down)
+        grad_a_d = torch.mm(gh_d.t(), product) if needs[13] else None
+        del product, gated.product, gh_d
         grad_gate, grad_up = gated.backward(grad_product)
         del grad_product, gated
-        layers = _restored(saved, a_gu, ctx.ranks)
-        grads = (grad_gate, grad_up)
-        needs_gu = _needs(needs, 5, 2)
-        grad_x, grads_a, grads_b = _shared_backward(
-            ctx, _rows(x), grads, h_gu, a_gu, layers, ctx.scalings[:2], ctx.dropouts[0], needs_gu
-        )
-        per_layer = [t for ga, gb in zip(grads_a, grads_b, strict=True) for t in (None, None, ga, gb)]
-        grad_x = None if grad_x is None else grad_x.view(x.shape)
-        return (grad_x, None, None, None, None, *per_layer, None, None, grad_a_d, grad_b_d)
+        width, rank_g = x_cat.shape[1] - a_g.shape[0] - a_u.shape[0], a_g.shape[0]
+        grad_b_g = torch.mm(grad_gate.t(), x_cat[:, width : width + rank_g]).mul_(s_g) if needs[8] else None
+        grad_b_u = torch.mm(grad_up.t(), x_cat[:, width + rank_g :]).mul_(s_u) if needs[11] else None
+        # [gx | gh_g | gh_u] = gU [W_u | 0 | s_u B_u] + gG [W_g | s_g B_g] (onto the first width + r_g columns)
+        grad_cat = torch.mm(grad_up, buffers.up)
+        grad_cat[:, : width + rank_g].addmm_(grad_gate, buffers.gate)
+        del grad_gate, grad_up
+        gh = grad_cat[:, width:].clone()
+        dropped, keep = _replay(ctx, "rng_x", x_cat[:, :width].contiguous() if p_gu else x_cat[:, :width], p_gu)
+        grad_a_g = grad_a_u = None
+        if needs[7] or needs[10]:
+            grad_a_g, grad_a_u = torch.mm(gh.t(), dropped).split([rank_g, a_u.shape[0]])
+        grad_x = None
+        if needs[0]:
+            grad_x = _add_input_grad(grad_cat[:, :width], gh, torch.cat([a_g, a_u]), keep, p_gu)
+            grad_x = grad_x.view(*grad_out.shape[:-1], width)
+        per_layer = (None, grad_a_g if needs[7] else None, grad_b_g, None, grad_a_u if needs[10] else None, grad_b_u)
+        return (grad_x, None, None, None, None, None, *per_layer, None, grad_a_d, grad_b_d)

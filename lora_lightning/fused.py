@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lora_lightning.functional import lora_gated_mlp, lora_shared_input
+from lora_lightning.functional import LinearOperands, MLPBuffers, lora_gated_mlp, lora_shared_input
 from lora_lightning.layers import LoRALinear
 from lora_lightning.modules import canonical_name
 
@@ -313,6 +313,7 @@ class _GatedMLP:
         kernels: str,
     ) -> None:
         self.roles, self.layers, self.act = roles, layers, act
+        self.buffers: MLPBuffers | None = None  # the layers' weights live here once the node has run
         self.elementwise = "liger" if kernels == "liger" and _is_silu(act) else "torch"
         self.previous = module.__dict__.get("forward")  # an instance patch (e.g. Liger's), put back on removal
         # A bound method, so that a deepcopy of the module runs on the copy's own layers.
@@ -327,9 +328,27 @@ class _GatedMLP:
         if any(o is None for o in operands) or operands[0].dropout != operands[1].dropout:
             return None
         elementwise = self.elementwise if x.device.type == "cuda" else "torch"
-        return lora_gated_mlp(x, self.act, *operands, elementwise=elementwise)
+        return lora_gated_mlp(x, self.act, *operands, elementwise=elementwise, buffers=self._folded(operands))
+
+    def _folded(self, operands: list[LinearOperands]) -> MLPBuffers:
+        """The buffers the layers' weights are views of, folded anew where they are not (the first run, another
+        rank, a weight replaced or moved)."""
+        weights = [o.weight for o in operands]
+        ranks = tuple(o.lora_a.shape[0] for o in operands)
+        if self.buffers is None or self.buffers.ranks != ranks or not self.buffers.holds(*weights):
+            with torch.no_grad(), torch.inference_mode(False):
+                self.buffers = MLPBuffers.fold(*weights, *ranks)
+                for weight, view in zip(weights, self.buffers.weights(), strict=True):
+                    weight.data = view
+        return self.buffers
 
     def remove(self, module: nn.Module) -> None:
+        if self.buffers is not None:  # each weight gets its own storage back
+            for layer, view in zip(self.layers, self.buffers.weights(), strict=True):
+                weight = layer.base_layer.weight
+                if weight.data_ptr() == view.data_ptr():
+                    weight.data = view.clone(memory_format=torch.contiguous_format)
+            self.buffers = None
         current = module.__dict__.get("forward")
         if getattr(current, "__func__", None) is not _gated_mlp_forward:
             return  # someone patched the forward after us; leave theirs

@@ -29,14 +29,16 @@ def test_ours_and_the_per_layer_path_train_the_same_adapters(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_max_context_writes_every_length_and_the_line(tmp_path: Path) -> None:
-    argv = ["--shape=tiny", "--device=cpu", "--steps=1", "--lengths", "16", "32", f"--out={tmp_path}"]
-    assert max_context.main([*argv, "--rows", "ours:eager:gc"]) == 0
+    argv = ["--shape=tiny", "--device=cpu", "--steps=1", "--lengths", "16", "32", "48", f"--out={tmp_path}"]
+    assert max_context.main([*argv, "--rows", "ours:eager:gc", "--long-steps=1"]) == 0
     report = json.loads((tmp_path / "max_context.json").read_text())
     (record,) = report["rows"]
-    assert record["ok"] and [p["tokens"] for p in record["points"]] == [16, 32]
+    assert record["ok"] and [p["tokens"] for p in record["points"]] == [16, 32, 48]
     assert all(p["fits"] and p["step_ms"] > 0 for p in record["points"])
+    assert [p["cold"] for p in record["points"]] == [False, True, True]  # one step past the first length: cold
     assert record["fit"] is None  # no peak memory on CPU: no line, nothing made up
-    assert "| ours:eager:gc | 32 |" in (tmp_path / "max_context.md").read_text()
+    assert "| ours:eager:gc | 32 | " in (tmp_path / "max_context.md").read_text()
+    assert "(cold)" in (tmp_path / "max_context.md").read_text()
 
 
 def test_the_line_through_the_peaks_and_its_crossing() -> None:

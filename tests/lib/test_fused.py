@@ -18,6 +18,7 @@ from lora_lightning import (
     adapter_state_dict,
     fused,
     inject_lora,
+    set_active_adapter,
 )
 from lora_lightning.fused import fused_wiring, install_fused_paths, remove_fused_paths, restore_fused_wiring
 from tests.helpers.models import make_llama
@@ -66,7 +67,9 @@ def adapted_llama(dropout: float = 0.0, dtype: torch.dtype = torch.float32, **co
 TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
-def step_grads(model: nn.Module, steps: int = 2) -> tuple[list[float], list[torch.Tensor]]:
+def step_grads(
+    model: nn.Module, steps: int = 2, tokens: torch.Tensor = TOKENS
+) -> tuple[list[float], list[torch.Tensor]]:
     """Losses of ``steps`` forward/backward passes (the first one is where shared inputs are seen) and the adapter
     gradients and input-embedding gradient of the last."""
     losses = []
@@ -75,7 +78,7 @@ def step_grads(model: nn.Module, steps: int = 2) -> tuple[list[float], list[torc
         model.zero_grad(set_to_none=True)
         embeddings.weight.requires_grad_(True)
         torch.manual_seed(1)
-        loss = model(input_ids=TOKENS, labels=TOKENS).loss
+        loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         losses.append(loss.item())
     return losses, [embeddings.weight.grad, *(p.grad for p in adapter_parameters(model))]
@@ -105,13 +108,22 @@ def test_fused_paths_give_the_per_layer_path_s_gradients(dropout, info_lines, mo
 
 
 def test_bf16_fused_gradients_match_the_per_layer_path():
-    _, plain = step_grads(adapted_llama(dtype=torch.bfloat16))
+    """In bf16 the fused nodes round differently (the folded factors are summed inside the base GEMMs), so both
+    paths are held against the fp32 gradients: the fused path is as close to them as the per-layer path."""
+    tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    _, exact = step_grads(adapted_llama(), tokens=tokens)
+    _, plain = step_grads(adapted_llama(dtype=torch.bfloat16), tokens=tokens)
     model = adapted_llama(dtype=torch.bfloat16)
     install_fused_paths(model)
-    _, fused_grads = step_grads(model)
-    for got, want in zip(fused_grads, plain, strict=True):
-        scale = want.float().norm()
-        assert (got.float() - want.float()).norm() <= 2e-2 * scale
+    _, fused_grads = step_grads(model, tokens=tokens)
+
+    def errors(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(
+            [(g.float() - r.float()).norm() / r.float().norm() for g, r in zip(grads, reference, strict=True)]
+        )
+
+    assert errors(fused_grads, exact).mean() <= 1.2 * errors(plain, exact).mean()
+    assert errors(fused_grads, plain).max() <= 3e-2
 
 
 def test_state_dict_and_adapter_keys_are_unchanged():
@@ -134,6 +146,70 @@ def test_remove_puts_every_layer_back_on_its_own_path():
     install_fused_paths(model)
     install_fused_paths(model)  # a second install starts over, it does not stack
     assert len(attention._forward_pre_hooks) == hooks[0] + 1
+
+
+def test_mlp_weights_live_beside_their_factors_until_removed():
+    """The fused MLP keeps its frozen weights in buffers beside the factors (one GEMM applies both); the values and
+    the state_dict stay the user's, and removal gives each weight its own storage back."""
+    model = adapted_llama()
+    mlp = model.model.layers[0].mlp
+    weights = {name: w.detach().clone() for name, w in model.state_dict().items()}
+    install_fused_paths(model)
+    step_grads(model)
+    buffers = mlp.__dict__["_lora_fused_paths"].mlp.buffers
+    gate = mlp.gate_proj.base_layer.weight
+    assert gate.data_ptr() == buffers.gate.data_ptr() and not gate.is_contiguous()
+    assert mlp.down_proj.base_layer.weight.data_ptr() == buffers.down.data_ptr()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    remove_fused_paths(model)
+    for role in ("gate_proj", "up_proj", "down_proj"):
+        weight = getattr(mlp, role).base_layer.weight
+        assert weight.is_contiguous() and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+
+
+def test_an_mlp_folds_anew_for_another_rank_or_a_replaced_weight():
+    model, reference = adapted_llama(), adapted_llama()
+    for m in (model, reference):
+        inject_lora(m, LoRAConfig(r=2, alpha=3), adapter_name="small")
+        with torch.no_grad():
+            for seed, param in enumerate(adapter_parameters(m)):
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    install_fused_paths(model)
+    for name in ("default", "small", "default"):
+        for m in (model, reference):
+            set_active_adapter(m, name)
+        torch.testing.assert_close(step_grads(model)[1], step_grads(reference)[1], rtol=1e-5, atol=1e-6)
+    up = torch.randn_like(model.model.layers[1].mlp.up_proj.base_layer.weight)
+    for m in (model, reference):
+        m.model.layers[1].mlp.up_proj.base_layer.weight = nn.Parameter(up.clone(), requires_grad=False)
+    torch.testing.assert_close(step_grads(model)[1], step_grads(reference)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_forwards_of_two_adapters_before_one_backward_get_their_own_factors():
+    """Backward writes its own factors into the buffers again: a second forward may have written others."""
+
+    def grads(model: nn.Module) -> list[torch.Tensor]:
+        losses = []
+        for name in ("default", "other"):
+            set_active_adapter(model, name)
+            losses.append(model(input_ids=TOKENS, labels=TOKENS).loss)
+        params = [p for p in adapter_parameters(model) if p.requires_grad]
+        return list(torch.autograd.grad(losses[0] + 2 * losses[1], params, allow_unused=True))
+
+    model, reference = adapted_llama(), adapted_llama()
+    for m in (model, reference):
+        inject_lora(m, LoRAConfig(r=4, alpha=8), adapter_name="other")
+        with torch.no_grad():
+            for seed, param in enumerate(adapter_parameters(m)):
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+        for param in adapter_parameters(m):
+            param.requires_grad_(True)
+    install_fused_paths(model)
+    for got, want in zip(grads(model), grads(reference), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_deepcopy_computes_with_its_own_layers():
