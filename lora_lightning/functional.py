@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-# How `lora_gated_mlp` computes ``act(G) * U`` and its gradients: "torch" (any activation module) or "liger"
-# (Liger-Kernel's fused SiLU-and-multiply kernels, for a SiLU activation on CUDA).
-GATES = ("torch", "liger")
+# How `lora_gated_mlp` computes ``act(G) * U`` and its gradients: "torch" (any activation module, its gradient
+# through autograd), "silu" (a SiLU activation: PyTorch's SiLU kernels called directly) or "liger" (Liger-Kernel's
+# fused SiLU-and-multiply kernels, for a SiLU activation on CUDA).
+GATES = ("torch", "silu", "liger")
 
 
 class LinearOperands(NamedTuple):
@@ -97,16 +98,19 @@ def lora_gated_mlp(
     return _GatedMLPFunction.apply(x, act, elementwise, dropouts, scalings, buffers, *tensors)
 
 
-class MLPBuffers(NamedTuple):
+class MLPBuffers:
     """A gated MLP's frozen weights stored beside its adapters' factors, so that the base GEMMs apply the
     factors too: ``gate`` is ``[W_g | s_g B_g]`` (``[out, in + r_g]``), ``up`` is ``[W_u | 0 | s_u B_u]`` (``[out, in +
     r_g + r_u]``), both applied to ``[x | h_g | h_u]``; ``down`` is ``[W_d; A_d]`` (``[out + r_d, in]``), whose
-    product with ``P`` is ``[P W_d^T | P A_d^T]``. The factor blocks are written by each forward and backward."""
+    product with ``P`` is ``[P W_d^T | P A_d^T]``. A forward writes the factor blocks; its backward writes them
+    again only if another forward wrote others in between."""
 
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    ranks: tuple[int, int, int]
+    __slots__ = ("_layout", "_written", "down", "gate", "ranks", "up")
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks: tuple[int, int, int]):
+        self.gate, self.up, self.down, self.ranks = gate, up, down, ranks
+        self._layout = tuple(_layout(view) for view in self.weights())
+        self._written: tuple | None = None  # what `write_factors` last wrote
 
     @classmethod
     def fold(cls, w_g: torch.Tensor, w_u: torch.Tensor, w_d: torch.Tensor, r_g: int, r_u: int, r_d: int) -> MLPBuffers:
@@ -115,10 +119,8 @@ class MLPBuffers(NamedTuple):
         gate = w_g.new_zeros(w_g.shape[0], width + r_g)
         up = w_u.new_zeros(w_u.shape[0], width + r_g + r_u)
         down = w_d.new_zeros(w_d.shape[0] + r_d, w_d.shape[1])
-        buffers = cls(gate, up, down, (r_g, r_u, r_d))
-        for view, weight in zip(buffers.weights(), (w_g, w_u, w_d), strict=True):
-            view.copy_(weight)
-        return buffers
+        gate[:, :width], up[:, :width], down[: w_d.shape[0]] = w_g, w_u, w_d
+        return cls(gate, up, down, (r_g, r_u, r_d))
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The views of ``W_g``, ``W_u`` and ``W_d``."""
@@ -127,20 +129,31 @@ class MLPBuffers(NamedTuple):
 
     def holds(self, *weights: torch.Tensor) -> bool:
         """Whether ``weights`` (gate, up, down) are the views `weights` gives."""
-        return all(
-            w.data_ptr() == v.data_ptr() and w.shape == v.shape and w.stride() == v.stride()
-            for w, v in zip(weights, self.weights(), strict=True)
-        )
+        return tuple(_layout(w) for w in weights) == self._layout
 
     def write_factors(
         self, lora_b_g: torch.Tensor, lora_b_u: torch.Tensor, lora_a_d: torch.Tensor, scalings: Sequence[float]
     ) -> None:
-        """Write ``s_g B_g``, ``s_u B_u`` and ``A_d`` into their blocks."""
+        """Write ``s_g B_g``, ``s_u B_u`` and ``A_d`` into their blocks (unless they hold them already: the same
+        tensors at the same in-place versions and scalings). Runs inside the nodes, where autograd records nothing."""
+        factors = (lora_b_g, lora_b_u, lora_a_d)
+        versions = (tuple(t._version for t in factors), tuple(scalings))
+        written = self._written
+        if (
+            written is not None
+            and all(a is b for a, b in zip(written[0], factors, strict=True))
+            and written[1] == versions
+        ):
+            return
         width = self.gate.shape[1] - self.ranks[0]
-        with torch.no_grad():
-            torch.mul(lora_b_g, scalings[0], out=self.gate[:, width:])
-            torch.mul(lora_b_u, scalings[1], out=self.up[:, width + self.ranks[0] :])
-            self.down[self.down.shape[0] - self.ranks[2] :].copy_(lora_a_d)
+        torch.mul(lora_b_g, scalings[0], out=self.gate[:, width:])
+        torch.mul(lora_b_u, scalings[1], out=self.up[:, width + self.ranks[0] :])
+        self.down[self.down.shape[0] - self.ranks[2] :].copy_(lora_a_d)
+        self._written = (factors, versions)
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.shape, t.stride()
 
 
 def _one_dropout(layers: Sequence[LinearOperands]) -> float:
@@ -341,7 +354,7 @@ def _gate(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: t
         from liger_kernel.ops.swiglu import swiglu_forward
 
         return swiglu_forward(gate, up)[2]
-    return act(gate) * up
+    return (F.silu(gate) if how == "silu" else act(gate)) * up
 
 
 class _GateRecomputed:
@@ -351,6 +364,10 @@ class _GateRecomputed:
         self.act, self.gate, self.up, self.how = act, gate, up, how
         if how == "liger":
             self.product = _gate(act, gate, up, how)
+            return
+        if how == "silu":
+            self.activated = F.silu(gate)
+            self.product = self.activated * up
             return
         with torch.enable_grad():
             self.leaf = gate.detach().requires_grad_(True)
@@ -363,6 +380,8 @@ class _GateRecomputed:
             from liger_kernel.ops.swiglu import swiglu_backward
 
             return swiglu_backward(self.gate, self.up, grad)
+        if self.how == "silu":
+            return torch.ops.aten.silu_backward(grad * self.up, self.gate), grad * self.activated
         grad_up = grad * self.activated.detach()
         (grad_gate,) = torch.autograd.grad(self.activated, self.leaf, grad * self.up)
         return grad_gate, grad_up

@@ -168,8 +168,9 @@ class SharedInputGroup:
             layer.input_group = self
         _install(parent).groups.append(self)
 
-    def run(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
-        """``layer``'s output on ``x`` from the shared node, or ``None`` for its own path."""
+    def run(self, layer: LoRALinear, x: torch.Tensor, operands: LinearOperands) -> torch.Tensor | None:
+        """``layer``'s output on ``x`` (``operands``: its `LoRALinear.fused_operands`) from the shared node, or
+        ``None`` for its own path."""
         if self.sets is None:
             if self._settled is None:  # the first forward: watch who gets which tensor
                 self._seen[layer] = x if layer not in self._seen else None  # called twice: never shares
@@ -186,10 +187,10 @@ class SharedInputGroup:
                     self._pending[siblings] = pending
                 return out
             self._turning_off[siblings] = f"{self.names[layer]} got another tensor than its siblings"
-        operands = [sibling.fused_operands(x) for sibling in siblings]
-        if any(o is None for o in operands) or len({o.dropout for o in operands}) > 1:
+        together = [operands if sibling is layer else sibling.fused_operands(x) for sibling in siblings]
+        if any(o is None for o in together) or len({o.dropout for o in together}) > 1:
             return None
-        outputs = dict(zip(siblings, lora_shared_input(x, operands), strict=True))
+        outputs = dict(zip(siblings, lora_shared_input(x, together), strict=True))
         out = outputs.pop(layer)
         self._pending[siblings] = (x, _version(x), outputs)
         return out
@@ -314,7 +315,8 @@ class _GatedMLP:
     ) -> None:
         self.roles, self.layers, self.act = roles, layers, act
         self.buffers: MLPBuffers | None = None  # the layers' weights live here once the node has run
-        self.elementwise = "liger" if kernels == "liger" and _is_silu(act) else "torch"
+        silu = _is_silu(act)
+        self.elementwise = "liger" if kernels == "liger" and silu else "silu" if silu else "torch"
         self.previous = module.__dict__.get("forward")  # an instance patch (e.g. Liger's), put back on removal
         # A bound method, so that a deepcopy of the module runs on the copy's own layers.
         module.__dict__["forward"] = types.MethodType(_gated_mlp_forward, module)
@@ -327,7 +329,7 @@ class _GatedMLP:
         operands = [layer.fused_operands(x) for layer in self.layers]
         if any(o is None for o in operands) or operands[0].dropout != operands[1].dropout:
             return None
-        elementwise = self.elementwise if x.device.type == "cuda" else "torch"
+        elementwise = "silu" if self.elementwise == "liger" and x.device.type != "cuda" else self.elementwise
         return lora_gated_mlp(x, self.act, *operands, elementwise=elementwise, buffers=self._folded(operands))
 
     def _folded(self, operands: list[LinearOperands]) -> MLPBuffers:

@@ -102,36 +102,43 @@ class LoRALinear(LoRALayer):
         adapter per sample), DoRA, ``lora_bias``, a base other than a plain frozen ``nn.Linear`` (4-bit, Conv1D,
         sharded), ``x`` of another dtype, autocast, a device other than CPU/CUDA, or ``torch.compile`` tracing
         (Inductor fuses the modules better)."""
-        name = self.active_adapter if name is None else name
-        base = self.base_layer
+        # Called for every adapted layer in every step: the checks read the module dicts directly rather than
+        # through nn.Module.__getattr__, and the cheapest come first.
+        active = self.active_adapter
+        name = active if name is None else name
         if (
-            name is not None
-            and name == self.active_adapter
-            and not (self.merged or self.disabled)
-            and self.sample_adapters is None
-            and name in self.specs
-            and not self.specs[name].use_dora
-            and not self.specs[name].lora_bias
-            and type(base) is nn.Linear
-            and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
-            and type(base.weight) in (nn.Parameter, torch.Tensor)  # not a DTensor or another subclass
-            and x.dtype == base.weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-            and x.device.type in ("cpu", "cuda")
-            and not torch.compiler.is_compiling()
+            name is None
+            or name != active
+            or self.merged_adapter is not None
+            or self.disabled
+            or self.sample_adapters is not None
+            or x.device.type not in ("cpu", "cuda")
+            or torch.is_autocast_enabled(x.device.type)
+            or torch.compiler.is_compiling()
         ):
-            spec = self.specs[name]
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            return LinearOperands(base.weight, base.bias, a, b, spec.scaling, spec.dropout if self.training else 0.0)
-        return None
+            return None
+        spec = self.specs.get(name)
+        base = self._modules["base_layer"]
+        if spec is None or spec.use_dora or spec.lora_bias or type(base) is not nn.Linear:
+            return None
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        if (
+            weight.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or type(weight) not in (nn.Parameter, torch.Tensor)  # not a DTensor or another subclass
+            or x.dtype != weight.dtype
+        ):
+            return None
+        a = self._modules["lora_A"][name]._parameters["weight"]
+        b = self._modules["lora_B"][name]._parameters["weight"]
+        return LinearOperands(weight, bias, a, b, spec.scaling, spec.dropout if self.training else 0.0)
 
     def _fused_forward(self, x: torch.Tensor, name: str, *args: object, **kwargs: object) -> torch.Tensor | None:
         operands = None if args or kwargs else self.fused_operands(x, name)
         if operands is None:
             return None
         if self.input_group is not None:  # siblings reading the same input (`fused.install_fused_paths`)
-            out = self.input_group.run(self, x)
+            out = self.input_group.run(self, x, operands)
             if out is not None:
                 return out
         return lora_linear(x, *operands)

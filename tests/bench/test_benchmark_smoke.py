@@ -118,3 +118,14 @@ def test_merge_recomputes_floor_ratios(tmp_path: Path) -> None:
     assert [r["name"] for r in merged["rows"]] == ["frozen:eager", "ours:eager"]
     assert merged["rows"][1]["step_ratio_to_floor"] == 1.5 and merged["rows"][1]["memory_ratio_to_floor"] == 1.5
     assert len(merged["environment"]["merged_from"]) == 2
+
+
+def test_the_overhead_shape_measures_the_frameworks_time_around_tiny_kernels(tmp_path: Path) -> None:
+    """The `overhead` shape: Llama-3.2-1B's 16 layers with tensors so small that a step is the framework's own time.
+    Every row runs and is timed; which is faster is what the measurement is for, not a test."""
+    argv = ["--shape=overhead", "--steps=2", "--warmup=1", "--isolation=none", f"--out={tmp_path}", "--device=cpu"]
+    assert bench.main([*argv, "--configs", "frozen:eager", "ours:eager", "ours-layer:eager"]) == 0
+    report = json.loads((tmp_path / JSON_NAME).read_text())
+    assert report["settings"]["model"]["num_hidden_layers"] == 16 and report["settings"]["dtype"] == "fp32"
+    assert [row["name"] for row in report["rows"]] == ["frozen:eager", "ours:eager", "ours-layer:eager"]
+    assert all(row["ok"] and row["median_step_ms"] > 0 for row in report["rows"])

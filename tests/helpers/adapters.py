@@ -32,7 +32,7 @@ def perturb_adapters_(model: nn.Module, seed: int = 7, scale: float = 0.1) -> nn
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=generator)
+            noise = torch.randn(param.shape, generator=generator).to(param.device)
             if "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.2 * noise)
             elif "lora_" in name:

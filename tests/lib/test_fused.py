@@ -188,6 +188,20 @@ def test_an_mlp_folds_anew_for_another_rank_or_a_replaced_weight():
     torch.testing.assert_close(step_grads(model)[1], step_grads(reference)[1], rtol=1e-5, atol=1e-6)
 
 
+def test_factors_changed_in_place_reach_the_next_forward():
+    """An optimizer step changes A and B in place: the next forward writes them into the MLP's buffers again."""
+    model, reference = adapted_llama(), adapted_llama()
+    install_fused_paths(model)
+    for _ in range(2):
+        step_grads(model, steps=1)
+        step_grads(reference, steps=1)
+        with torch.no_grad():
+            for m in (model, reference):
+                for param in adapter_parameters(m):
+                    param.sub_(0.5 * param.grad)
+        torch.testing.assert_close(step_grads(model)[1], step_grads(reference)[1], rtol=1e-5, atol=1e-6)
+
+
 def test_forwards_of_two_adapters_before_one_backward_get_their_own_factors():
     """Backward writes its own factors into the buffers again: a second forward may have written others."""
 

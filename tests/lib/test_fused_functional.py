@@ -60,8 +60,9 @@ def test_gradcheck_shared_input(dropout):
     assert torch.autograd.gradcheck(seeded(shared), (x, *factors))
 
 
+@pytest.mark.parametrize("elementwise", ["torch", "silu"])
 @pytest.mark.parametrize(("dropout", "down_dropout"), [(0.0, 0.0), (0.3, 0.2)])
-def test_gradcheck_gated_mlp(dropout, down_dropout):
+def test_gradcheck_gated_mlp(dropout, down_dropout, elementwise):
     x = torch.randn(2, 3, 5, dtype=DTYPE, requires_grad=True)
     specs = [(5, 7, 2, 2.0, dropout), (5, 7, 3, 0.5, dropout), (7, 5, 2, 1.0, down_dropout)]
     layers = [operands(*spec, seed=i) for i, spec in enumerate(specs)]
@@ -72,7 +73,7 @@ def test_gradcheck_gated_mlp(dropout, down_dropout):
             LinearOperands(w, b, fa, fb, s, p)
             for (w, b, _, _, s, p), fa, fb in zip(layers, factors[::2], factors[1::2], strict=True)
         ]
-        return lora_gated_mlp(x, nn.SiLU(), *ops)
+        return lora_gated_mlp(x, nn.SiLU(), *ops, elementwise=elementwise)
 
     assert torch.autograd.gradcheck(seeded(mlp), (x, *factors))
 
