@@ -432,15 +432,14 @@ class _GatedMLPFunction(torch.autograd.Function):
         out_d = g.shape[1]
         grad_b_d = torch.mm(g.t(), h_d).mul_(s_d) if needs[14] else None
         gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
+        gh_d = torch.mm(g, lora_b_d).mul_(s_d)
         if p_d:
-            gh_d = torch.mm(g, lora_b_d).mul_(s_d)
             product, keep = _replay(ctx, "rng_p", gated.product, p_d)
             grad_product = _add_input_grad(torch.mm(g, buffers.down[:out_d]), gh_d, a_d, keep, p_d)
             del keep
         else:  # gP = [g | gh_d] [W_d; A_d]
-            g_cat = torch.cat([g, torch.mm(g, lora_b_d).mul_(s_d)], dim=1)
-            gh_d, product = g_cat[:, out_d:], gated.product
-            grad_product = torch.mm(g_cat, buffers.down)
+            product = gated.product
+            grad_product = torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
         grad_a_d = torch.mm(gh_d.t(), product) if needs[13] else None
         del product, gated.product, gh_d
         grad_gate, grad_up = gated.backward(grad_product)
