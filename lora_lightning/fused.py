@@ -10,7 +10,9 @@ fallback. The math of each path is in `functional`.
 - **Gated MLP.** A module with three adapted children and one parameterless child ``act`` whose forward is
   ``down(act(gate(x)) * up(x))``: checked by running the module on a probe input against that formula with the
   three children in every role order (exactly one order must match). Its forward then runs
-  `functional.lora_gated_mlp`, which recomputes ``act(gate) * up`` in backward instead of saving down's input.
+  `functional.lora_gated_mlp`, which recomputes ``act(gate) * up`` in backward instead of saving down's input and
+  folds the adapters into the base GEMMs: from the MLP's first fused call on, its three frozen weights are views of
+  a `functional.MLPBuffers` (the same values; `remove_fused_paths` gives each its own storage back).
 
 A fused path gives way to the layers' own path for any call it does not cover (the checks of
 `LoRALinear.fused_operands`: torch.compile, autocast, DoRA, a quantized or sharded base, a merged or disabled
