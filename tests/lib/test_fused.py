@@ -170,13 +170,19 @@ def test_mlp_weights_live_beside_their_factors_until_removed():
         assert torch.equal(value, weights[name]), name
 
 
-def test_an_mlp_folds_anew_for_another_rank_or_a_replaced_weight():
-    model, reference = adapted_llama(), adapted_llama()
-    for m in (model, reference):
-        inject_lora(m, LoRAConfig(r=2, alpha=3), adapter_name="small")
+def two_adapter_llamas(name: str, config: LoRAConfig) -> tuple[nn.Module, nn.Module]:
+    """Two equal tiny Llamas with adapter ``name`` beside "default", every factor drawn from its own seed."""
+    models = adapted_llama(), adapted_llama()
+    for model in models:
+        inject_lora(model, config, adapter_name=name)
         with torch.no_grad():
-            for seed, param in enumerate(adapter_parameters(m)):
+            for seed, param in enumerate(adapter_parameters(model)):
                 param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return models
+
+
+def test_an_mlp_folds_anew_for_another_rank_or_a_replaced_weight():
+    model, reference = two_adapter_llamas("small", LoRAConfig(r=2, alpha=3))
     install_fused_paths(model)
     for name in ("default", "small", "default"):
         for m in (model, reference):
@@ -213,12 +219,8 @@ def test_forwards_of_two_adapters_before_one_backward_get_their_own_factors():
         params = [p for p in adapter_parameters(model) if p.requires_grad]
         return list(torch.autograd.grad(losses[0] + 2 * losses[1], params, allow_unused=True))
 
-    model, reference = adapted_llama(), adapted_llama()
+    model, reference = two_adapter_llamas("other", LoRAConfig(r=4, alpha=8))
     for m in (model, reference):
-        inject_lora(m, LoRAConfig(r=4, alpha=8), adapter_name="other")
-        with torch.no_grad():
-            for seed, param in enumerate(adapter_parameters(m)):
-                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
         for param in adapter_parameters(m):
             param.requires_grad_(True)
     install_fused_paths(model)
