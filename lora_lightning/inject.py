@@ -12,6 +12,7 @@ from torch import nn
 from lora_lightning import quant
 from lora_lightning.adapters import set_active_adapter
 from lora_lightning.config import ALL_LINEAR, LoRAConfig, is_adapter_name
+from lora_lightning.fused import remove_fused_paths
 from lora_lightning.layers import (
     SUPPORTED_LAYERS,
     AdapterModule,
@@ -275,6 +276,7 @@ def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     problems = [f"{name}: {p}" for name, m in modules if (p := wanted[name] and m.fold_problem(wanted[name]))]
     if problems:
         raise RuntimeError("merge_lora: cannot merge:\n  - " + "\n  - ".join(problems))
+    remove_fused_paths(model)  # they run the adapter layers, which go; each base weight gets its own storage back
     dequantized = Counter()
     tied = tied_parameter_ids(model)
     untied = []
@@ -305,6 +307,7 @@ def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
 def unload_lora(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging, restoring the original layers and weights (and the originals of
     ``modules_to_save``)."""
+    remove_fused_paths(model)
     for name, module in reversed(list(adapter_modules(model))):
         if isinstance(module, LoRALayer) and module.merged:
             module.unmerge()

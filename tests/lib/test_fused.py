@@ -18,7 +18,9 @@ from lora_lightning import (
     adapter_state_dict,
     fused,
     inject_lora,
+    merge_lora,
     set_active_adapter,
+    unload_lora,
 )
 from lora_lightning.fused import fused_wiring, install_fused_paths, remove_fused_paths, restore_fused_wiring
 from tests.helpers.models import make_llama
@@ -168,6 +170,19 @@ def test_mlp_weights_live_beside_their_factors_until_removed():
         assert weight.is_contiguous() and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), name
+
+
+@pytest.mark.parametrize("finish", [merge_lora, unload_lora])
+def test_merging_or_unloading_takes_the_fused_paths_off(finish):
+    model = adapted_llama()
+    install_fused_paths(model)
+    step_grads(model)
+    finish(model)
+    assert not fused.fused_paths_installed(model)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            assert module.weight.is_contiguous(), module
+            assert module.weight.untyped_storage().nbytes() == module.weight.numel() * module.weight.element_size()
 
 
 def two_adapter_llamas(name: str, config: LoRAConfig) -> tuple[nn.Module, nn.Module]:
