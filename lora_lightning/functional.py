@@ -193,6 +193,12 @@ def _replay(ctx: Any, key: str, x: torch.Tensor, p: float) -> tuple[torch.Tensor
         generator.set_state(current)
 
 
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is contiguous from the start of its storage, else such a copy: a CUDA dropout mask depends on its
+    input's layout and alignment, so a mask replayed on a copy is drawn on a fresh copy in forward too."""
+    return t if t.is_contiguous() and t.storage_offset() == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 def _add_input_grad(
     grad_x: torch.Tensor, gh: torch.Tensor, lora_a: torch.Tensor, keep: torch.Tensor | None, p: float
 ) -> torch.Tensor:
@@ -404,7 +410,8 @@ class _GatedMLPFunction(torch.autograd.Function):
         flat = _rows(x)
         width, out_d = flat.shape[1], buffers.down.shape[0] - a_d.shape[0]
         a_gu = torch.cat([a_g, a_u])
-        x_cat = torch.cat([flat, _draw(ctx, "rng_x", flat, dropouts[0]) @ a_gu.t()], dim=1)  # [x | h_g | h_u]
+        dropped = _draw(ctx, "rng_x", _fresh(flat) if dropouts[0] else flat, dropouts[0])
+        x_cat = torch.cat([flat, dropped @ a_gu.t()], dim=1)  # [x | h_g | h_u]
         gate = F.linear(x_cat[:, : width + a_g.shape[0]], buffers.gate, b_g)
         up = F.linear(x_cat, buffers.up, b_u)
         product = _gate(act, gate, up, elementwise)
@@ -452,7 +459,7 @@ class _GatedMLPFunction(torch.autograd.Function):
         grad_cat[:, : width + rank_g].addmm_(grad_gate, buffers.gate)
         del grad_gate, grad_up
         gh = grad_cat[:, width:].clone()
-        dropped, keep = _replay(ctx, "rng_x", x_cat[:, :width].contiguous() if p_gu else x_cat[:, :width], p_gu)
+        dropped, keep = _replay(ctx, "rng_x", _fresh(x_cat[:, :width]) if p_gu else x_cat[:, :width], p_gu)
         grad_a_g = grad_a_u = None
         if needs[7] or needs[10]:
             grad_a_g, grad_a_u = torch.mm(gh.t(), dropped).split([rank_g, a_u.shape[0]])

@@ -127,10 +127,12 @@ def test_one_mask_per_shared_input_with_peft_s_marginal_distribution():
 
 
 @pytest.mark.parametrize("dropout", [0.2])
-def test_backward_replays_the_forward_masks_and_leaves_the_generator_where_forward_left_it(dropout):
+@pytest.mark.parametrize("strided", [False, True])
+def test_backward_replays_the_forward_masks_and_leaves_the_generator_where_forward_left_it(dropout, strided):
     """Two chained fused MLPs with dropout: the gradients equal autograd's over the very masks forward drew, and
-    backward leaves the default generator where forward left it."""
-    x = torch.randn(3, 4, 5, dtype=DTYPE, requires_grad=True)
+    backward leaves the default generator where forward left it; also for an input that is a strided view."""
+    leaf = torch.randn(3, 4, 7 if strided else 5, dtype=DTYPE, requires_grad=True)
+    x = leaf[..., 1:6] if strided else leaf
     blocks = [
         [
             operands(*spec, seed=10 * k + i)
@@ -146,7 +148,7 @@ def test_backward_replays_the_forward_masks_and_leaves_the_generator_where_forwa
         y = lora_gated_mlp(y, act, *(LinearOperands(*layer) for layer in layers))
     after_forward = torch.get_rng_state()
     factors = [t for layers in blocks for layer in layers for t in layer[2:4]]
-    got = torch.autograd.grad(y.square().sum(), [x, *factors])
+    got = torch.autograd.grad(y.square().sum(), [leaf, *factors])
     assert torch.equal(torch.get_rng_state(), after_forward)
 
     torch.set_rng_state(start)  # the reference draws the same masks in the same order
@@ -158,6 +160,6 @@ def test_backward_replays_the_forward_masks_and_leaves_the_generator_where_forwa
         product = act(g) * u
         mask_p = torch.native_dropout(product.reshape(-1, 7), dropout, True)[1].view(product.shape)
         y = reference_linear(product, *down[:5], mask=mask_p, p=dropout)
-    expected = torch.autograd.grad(y.square().sum(), [x, *factors])
+    expected = torch.autograd.grad(y.square().sum(), [leaf, *factors])
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)

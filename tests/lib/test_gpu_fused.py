@@ -48,7 +48,9 @@ def test_fused_gradients_match_the_per_layer_path_on_cuda(dtype, tolerance):
     assert_close_in_norm(grads(llama(dtype)), grads(llama(dtype, fused=False)), tolerance)
 
 
-def test_cuda_masks_are_replayed_and_the_generator_is_left_where_forward_left_it():
+@pytest.mark.parametrize("strided", [False, True])
+def test_cuda_masks_are_replayed_and_the_generator_is_left_where_forward_left_it(strided):
+    """Also for an input that is a strided view at an offset (a CUDA dropout mask depends on the layout)."""
     torch.manual_seed(0)
     shapes = [(64, 96), (64, 96), (96, 64)]
     layers = [
@@ -62,13 +64,14 @@ def test_cuda_masks_are_replayed_and_the_generator_is_left_where_forward_left_it
         )
         for i, o in shapes
     ]
-    x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
+    leaf = torch.randn(4, 32, 72 if strided else 64, device="cuda", requires_grad=True)
+    x = leaf[..., 3:67] if strided else leaf
     act = torch.nn.SiLU()
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     start = generator.get_state()
     y = lora_gated_mlp(lora_gated_mlp(x, act, *layers), act, *layers)
     after_forward = generator.get_state()
-    factors = [x, *(t for layer in layers for t in (layer.lora_a, layer.lora_b))]
+    factors = [leaf, *(t for layer in layers for t in (layer.lora_a, layer.lora_b))]
     got = torch.autograd.grad(y.square().sum(), factors)
     assert torch.equal(generator.get_state(), after_forward)
 
