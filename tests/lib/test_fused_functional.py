@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_lightning.functional import LinearOperands, lora_gated_mlp, lora_linear, lora_shared_input
+from lora_lightning.functional import LinearOperands, MLPBuffers, lora_gated_mlp, lora_linear, lora_shared_input
 
 DTYPE = torch.float64
 
@@ -163,3 +163,20 @@ def test_backward_replays_the_forward_masks_and_leaves_the_generator_where_forwa
     expected = torch.autograd.grad(y.square().sum(), [leaf, *factors])
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def test_gated_mlp_refuses_buffers_its_weights_are_not_views_of():
+    x = torch.randn(2, 3, 5, dtype=DTYPE)
+    layers = [
+        operands(*spec, seed=i) for i, spec in enumerate([(5, 6, 2, 2.0, 0), (5, 6, 2, 2.0, 0), (6, 5, 2, 2.0, 0)])
+    ]
+    ops = [LinearOperands(*layer) for layer in layers]
+    buffers = MLPBuffers.fold(*(op.weight for op in ops), 2, 2, 2)
+    before = [t.clone() for t in (buffers.gate, buffers.up, buffers.down)]
+    with pytest.raises(ValueError, match=r"weights are not the views of `buffers` \(MLPBuffers.fold\)"):
+        lora_gated_mlp(x, nn.SiLU(), *ops, buffers=buffers)
+    assert all(torch.equal(a, b) for a, b in zip(before, (buffers.gate, buffers.up, buffers.down), strict=True))
+    folded = [op._replace(weight=view) for op, view in zip(ops, buffers.weights(), strict=True)]
+    torch.testing.assert_close(
+        lora_gated_mlp(x, nn.SiLU(), *folded, buffers=buffers), lora_gated_mlp(x, nn.SiLU(), *ops)
+    )
