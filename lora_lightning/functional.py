@@ -119,8 +119,10 @@ class MLPBuffers:
         gate = w_g.new_zeros(w_g.shape[0], width + r_g)
         up = w_u.new_zeros(w_u.shape[0], width + r_g + r_u)
         down = w_d.new_zeros(w_d.shape[0] + r_d, w_d.shape[1])
-        gate[:, :width], up[:, :width], down[: w_d.shape[0]] = w_g, w_u, w_d
-        return cls(gate, up, down, (r_g, r_u, r_d))
+        buffers = cls(gate, up, down, (r_g, r_u, r_d))
+        for view, weight in zip(buffers.weights(), (w_g, w_u, w_d), strict=True):
+            view.copy_(weight)
+        return buffers
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The views of ``W_g``, ``W_u`` and ``W_d``."""
