@@ -19,12 +19,16 @@ accumulated into one buffer.
 GEMMs (`MLPBuffers`) so that no rank-``r`` product is added into, or read from, an intermediate-wide tensor on
 its own: ``[x | h_g | h_u]`` (``h = d(x) [A_g; A_u]^T``) times ``[W_g | s_g B_g]`` and ``[W_u | 0 | s_u B_u]``
 gives ``G`` and ``U``; ``P = act(G) * U``; ``P [W_d; A_d]^T = [P W_d^T | h_d]`` gives down's base output and
-``h_d`` in one GEMM (when down has no dropout), and ``y = P W_d^T + b_d + s_d h_d B_d^T``. It saves
-``[x | h_g | h_u]``, ``G``, ``U`` and ``h_d``, never ``P`` or ``act(G)``: backward recomputes them. Backward:
+``h_d`` in one GEMM (when down has no dropout), and ``y = P W_d^T + b_d + s_d h_d B_d^T``. It saves ``x``,
+``[h_g | h_u]``, ``G``, ``U`` and ``h_d``, never ``P`` or ``act(G)``: backward recomputes them. Backward:
 ``gB_d = s_d g^T h_d``, ``gh_d = s_d g B_d``, ``gA_d = gh_d^T d(P)``, ``gP = [g | gh_d] [W_d; A_d]`` (``g W_d +
 d'(gh_d A_d)`` with dropout), ``gU = gP * act(G)``, ``gG = act'(G) * gP * U``, ``gB_g = s_g gG^T h_g`` (and up's),
 ``[gx | gh_g | gh_u] = gG [W_g | s_g B_g] + gU [W_u | 0 | s_u B_u]``, ``[gA_g; gA_u] = [gh_g | gh_u]^T d(x)`` and
 ``gx += d'([gh_g | gh_u] [A_g; A_u])``.
+
+Given an `InputProducer` (``x = fn(source)``, where the producer's own node keeps ``source``, as a norm kernel that
+saves its input does), the shared-input and gated MLP nodes save ``source`` instead of ``x`` and recompute ``x``
+in backward: one frozen-norm pass bought for one saved activation of the model's width.
 
 Masks are never stored: backward replays the fused dropout kernel on the same input from the generator state
 saved in forward, then puts the generator back where it was, so after backward it is where forward left it.
@@ -56,6 +60,15 @@ class LinearOperands(NamedTuple):
     dropout: float
 
 
+class InputProducer(NamedTuple):
+    """How a node's input ``x`` came about: ``fn(source)`` gives it again, bit for bit (a frozen norm on the hidden
+    states, say). A node given one saves ``source``, which the producer's own backward keeps anyway, instead of
+    ``x``, and recomputes ``x`` in backward (without autograd)."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    source: torch.Tensor
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -69,11 +82,14 @@ def lora_linear(
     return _LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout)
 
 
-def lora_shared_input(x: torch.Tensor, layers: Sequence[LinearOperands]) -> tuple[torch.Tensor, ...]:
-    """``layers`` applied to the same ``x`` as one node; they must share one dropout probability (one mask)."""
+def lora_shared_input(
+    x: torch.Tensor, layers: Sequence[LinearOperands], producer: InputProducer | None = None
+) -> tuple[torch.Tensor, ...]:
+    """``layers`` applied to the same ``x`` as one node; they must share one dropout probability (one mask).
+    With ``producer``, the node keeps ``producer.source`` rather than ``x``."""
     dropout = _one_dropout(layers)
     tensors = [t for layer in layers for t in (layer.weight, layer.bias, layer.lora_a, layer.lora_b)]
-    return _SharedInputFunction.apply(x, dropout, tuple(layer.scaling for layer in layers), *tensors)
+    return _SharedInputFunction.apply(x, dropout, tuple(layer.scaling for layer in layers), producer, *tensors)
 
 
 def lora_gated_mlp(
@@ -84,9 +100,11 @@ def lora_gated_mlp(
     down: LinearOperands,
     elementwise: str = "torch",
     buffers: MLPBuffers | None = None,
+    producer: InputProducer | None = None,
 ) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` as one node; gate and up must share one dropout probability. ``buffers``
-    holds the three weights beside their factors (`MLPBuffers.fold`); without it the node folds a copy per call."""
+    holds the three weights beside their factors (`MLPBuffers.fold`); without it the node folds a copy per call.
+    With ``producer``, the node keeps ``producer.source`` rather than ``x``."""
     dropouts = (_one_dropout((gate, up)), down.dropout)
     scalings = (gate.scaling, up.scaling, down.scaling)
     layers = (gate, up, down)
@@ -95,7 +113,7 @@ def lora_gated_mlp(
     elif not buffers.holds(*(layer.weight for layer in layers)):
         raise ValueError("lora_gated_mlp: the layers' weights are not the views of `buffers` (MLPBuffers.fold)")
     tensors = [t for layer in layers for t in (layer.bias, layer.lora_a, layer.lora_b)]
-    return _GatedMLPFunction.apply(x, act, elementwise, dropouts, scalings, buffers, *tensors)
+    return _GatedMLPFunction.apply(x, act, elementwise, dropouts, scalings, buffers, producer, *tensors)
 
 
 class MLPBuffers:
@@ -210,6 +228,25 @@ def _add_input_grad(
     return grad_x.addcmul_(torch.mm(gh, lora_a), keep, value=1.0 / (1.0 - p))
 
 
+def _kept_input(ctx: Any, x: torch.Tensor, producer: InputProducer | None) -> torch.Tensor:
+    """What a node saves for its input ``x``: ``x``, or the source that ``producer`` recomputes it from."""
+    ctx.produce = None if producer is None else producer.fn
+    return x if producer is None else producer.source
+
+
+def _restored_input(ctx: Any, kept: torch.Tensor) -> torch.Tensor:
+    """The node's input from what `_kept_input` saved."""
+    if ctx.produce is None:
+        return kept
+    with torch.no_grad():
+        return ctx.produce(kept)
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * (a @ b)`` as one GEMM that applies the scale as it writes (``beta=0``: the input is ignored)."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -242,8 +279,8 @@ class _LoRALinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, h = ctx.saved_tensors
         needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
         g = _rows(grad_out)
-        grad_b = torch.mm(g.t(), h).mul_(ctx.scaling) if needs_b else None
-        gh = torch.mm(g, lora_b).mul_(ctx.scaling)
+        grad_b = _scaled_mm(g.t(), h, ctx.scaling) if needs_b else None
+        gh = _scaled_mm(g, lora_b, ctx.scaling)
         dropped, keep = _replay(ctx, "rng", _rows(x), ctx.dropout)
         grad_a = torch.mm(gh.t(), dropped) if needs_a else None
         grad_x = _add_input_grad(torch.mm(g, weight), gh, lora_a, keep, ctx.dropout).view(x.shape) if needs_x else None
@@ -286,8 +323,8 @@ def _shared_backward(
             ghs.append(h_i.new_zeros(h_i.shape))
             grads_b.append(None)
             continue
-        grads_b.append(torch.mm(g.t(), h_i).mul_(scaling) if needs_b else None)
-        ghs.append(torch.mm(g, lora_b).mul_(scaling))
+        grads_b.append(_scaled_mm(g.t(), h_i, scaling) if needs_b else None)
+        ghs.append(_scaled_mm(g, lora_b, scaling))
         if needs[0]:
             grad_x = torch.mm(g, weight) if grad_x is None else grad_x.addmm_(g, weight)
     gh = torch.cat(ghs, dim=1)
@@ -331,10 +368,17 @@ def _needs(needs_input_grad: Sequence[bool], first: int, count: int) -> list[boo
 
 class _SharedInputFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dropout: float, scalings: tuple[float, ...], *tensors: torch.Tensor):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        dropout: float,
+        scalings: tuple[float, ...],
+        producer: InputProducer | None,
+        *tensors: torch.Tensor,
+    ):
         layers = _layers(tensors)
         a_cat, h, outs = _shared_forward(ctx, _rows(x), dropout, scalings, layers)
-        ctx.save_for_backward(x, h, a_cat, *_saved(layers))
+        ctx.save_for_backward(_kept_input(ctx, x, producer), h, a_cat, *_saved(layers))
         ctx.dropout, ctx.scalings, ctx.ranks = dropout, scalings, _ranks(layers)
         ctx.set_materialize_grads(False)
         return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
@@ -342,15 +386,16 @@ class _SharedInputFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        x, h, a_cat, *saved = ctx.saved_tensors
+        kept, h, a_cat, *saved = ctx.saved_tensors
+        x = _restored_input(ctx, kept)
         layers = _restored(saved, a_cat, ctx.ranks)
-        needs = _needs(ctx.needs_input_grad, 3, len(layers))
+        needs = _needs(ctx.needs_input_grad, 4, len(layers))
         grads = [None if g is None else _rows(g) for g in grads]
         grad_x, grads_a, grads_b = _shared_backward(
             ctx, _rows(x), grads, h, a_cat, layers, ctx.scalings, ctx.dropout, needs
         )
         per_layer = [t for ga, gb in zip(grads_a, grads_b, strict=True) for t in (None, None, ga, gb)]
-        return (None if grad_x is None else grad_x.view(x.shape), None, None, *per_layer)
+        return (None if grad_x is None else grad_x.view(x.shape), None, None, None, *per_layer)
 
 
 # ------------------------------------------------------------------------------------------------------ gated MLP
@@ -405,17 +450,19 @@ class _GatedMLPFunction(torch.autograd.Function):
         dropouts: tuple[float, float],
         scalings: tuple[float, float, float],
         buffers: MLPBuffers,
+        producer: InputProducer | None,
         *tensors: torch.Tensor,
     ) -> torch.Tensor:
         (b_g, a_g, lora_b_g), (b_u, a_u, lora_b_u), (b_d, a_d, lora_b_d) = (tensors[i : i + 3] for i in (0, 3, 6))
         buffers.write_factors(lora_b_g, lora_b_u, a_d, scalings)
         flat = _rows(x)
         width, out_d = flat.shape[1], buffers.down.shape[0] - a_d.shape[0]
-        a_gu = torch.cat([a_g, a_u])
         dropped = _draw(ctx, "rng_x", _fresh(flat) if dropouts[0] else flat, dropouts[0])
-        x_cat = torch.cat([flat, dropped @ a_gu.t()], dim=1)  # [x | h_g | h_u]
+        h_gu = dropped @ torch.cat([a_g, a_u]).t()
+        x_cat = torch.cat([flat, h_gu], dim=1)  # [x | h_g | h_u]
         gate = F.linear(x_cat[:, : width + a_g.shape[0]], buffers.gate, b_g)
         up = F.linear(x_cat, buffers.up, b_u)
+        del x_cat
         product = _gate(act, gate, up, elementwise)
         if dropouts[1]:  # h_d reads the dropped product: its own GEMM
             h_d = _draw(ctx, "rng_p", product, dropouts[1]) @ a_d.t()
@@ -425,7 +472,8 @@ class _GatedMLPFunction(torch.autograd.Function):
             both = F.linear(product, buffers.down, bias)
             h_d = both[:, out_d:].clone()
             out = both[:, :out_d].addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
-        ctx.save_for_backward(x_cat, gate, up, h_d, a_g, a_u, a_d, lora_b_g, lora_b_u, lora_b_d)
+        kept = _kept_input(ctx, x, producer)
+        ctx.save_for_backward(kept, h_gu, gate, up, h_d, a_g, a_u, a_d, lora_b_g, lora_b_u, lora_b_d)
         ctx.act, ctx.elementwise, ctx.dropouts, ctx.scalings = act, elementwise, dropouts, scalings
         ctx.buffers = buffers  # held, not saved: forward and backward write its factor blocks
         return out.view(*x.shape[:-1], out_d)
@@ -433,15 +481,15 @@ class _GatedMLPFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_cat, gate, up, h_d, a_g, a_u, a_d, lora_b_g, lora_b_u, lora_b_d = ctx.saved_tensors
+        kept, h_gu, gate, up, h_d, a_g, a_u, a_d, lora_b_g, lora_b_u, lora_b_d = ctx.saved_tensors
         buffers, (s_g, s_u, s_d), (p_gu, p_d) = ctx.buffers, ctx.scalings, ctx.dropouts
         buffers.write_factors(lora_b_g, lora_b_u, a_d, ctx.scalings)  # another forward may have run since
         needs = ctx.needs_input_grad
         g = _rows(grad_out)
         out_d = g.shape[1]
-        grad_b_d = torch.mm(g.t(), h_d).mul_(s_d) if needs[14] else None
+        grad_b_d = _scaled_mm(g.t(), h_d, s_d) if needs[15] else None
         gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
-        gh_d = torch.mm(g, lora_b_d).mul_(s_d)
+        gh_d = _scaled_mm(g, lora_b_d, s_d)
         if p_d:
             product, keep = _replay(ctx, "rng_p", gated.product, p_d)
             grad_product = _add_input_grad(torch.mm(g, buffers.down[:out_d]), gh_d, a_d, keep, p_d)
@@ -449,25 +497,27 @@ class _GatedMLPFunction(torch.autograd.Function):
         else:  # gP = [g | gh_d] [W_d; A_d]
             product = gated.product
             grad_product = torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
-        grad_a_d = torch.mm(gh_d.t(), product) if needs[13] else None
+        grad_a_d = torch.mm(gh_d.t(), product) if needs[14] else None
         del product, gated.product, gh_d
         grad_gate, grad_up = gated.backward(grad_product)
         del grad_product, gated
-        width, rank_g = x_cat.shape[1] - a_g.shape[0] - a_u.shape[0], a_g.shape[0]
-        grad_b_g = torch.mm(grad_gate.t(), x_cat[:, width : width + rank_g]).mul_(s_g) if needs[8] else None
-        grad_b_u = torch.mm(grad_up.t(), x_cat[:, width + rank_g :]).mul_(s_u) if needs[11] else None
+        rank_g = a_g.shape[0]
+        grad_b_g = _scaled_mm(grad_gate.t(), h_gu[:, :rank_g], s_g) if needs[9] else None
+        grad_b_u = _scaled_mm(grad_up.t(), h_gu[:, rank_g:], s_u) if needs[12] else None
         # [gx | gh_g | gh_u] = gU [W_u | 0 | s_u B_u] + gG [W_g | s_g B_g] (onto the first width + r_g columns)
         grad_cat = torch.mm(grad_up, buffers.up)
+        width = grad_cat.shape[1] - h_gu.shape[1]
         grad_cat[:, : width + rank_g].addmm_(grad_gate, buffers.gate)
         del grad_gate, grad_up
         gh = grad_cat[:, width:].clone()
-        dropped, keep = _replay(ctx, "rng_x", _fresh(x_cat[:, :width]) if p_gu else x_cat[:, :width], p_gu)
+        flat = _rows(_restored_input(ctx, kept))
+        dropped, keep = _replay(ctx, "rng_x", _fresh(flat) if p_gu else flat, p_gu)
         grad_a_g = grad_a_u = None
-        if needs[7] or needs[10]:
+        if needs[8] or needs[11]:
             grad_a_g, grad_a_u = torch.mm(gh.t(), dropped).split([rank_g, a_u.shape[0]])
         grad_x = None
         if needs[0]:
             grad_x = _add_input_grad(grad_cat[:, :width], gh, torch.cat([a_g, a_u]), keep, p_gu)
             grad_x = grad_x.view(*grad_out.shape[:-1], width)
-        per_layer = (None, grad_a_g if needs[7] else None, grad_b_g, None, grad_a_u if needs[10] else None, grad_b_u)
-        return (grad_x, None, None, None, None, None, *per_layer, None, grad_a_d, grad_b_d)
+        per_layer = (None, grad_a_g if needs[8] else None, grad_b_g, None, grad_a_u if needs[11] else None, grad_b_u)
+        return (grad_x, None, None, None, None, None, None, *per_layer, None, grad_a_d, grad_b_d)

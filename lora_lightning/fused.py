@@ -25,16 +25,17 @@ from __future__ import annotations
 import contextlib
 import itertools
 import types
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lora_lightning.functional import LinearOperands, MLPBuffers, lora_gated_mlp, lora_shared_input
+from lora_lightning.functional import InputProducer, LinearOperands, MLPBuffers, lora_gated_mlp, lora_shared_input
 from lora_lightning.layers import LoRALinear
 from lora_lightning.modules import canonical_name
 
@@ -71,7 +72,8 @@ def install_fused_paths(model: nn.Module, kernels: str = "none") -> FusionReport
 
     check_kernels(kernels)
     remove_fused_paths(model)
-    gated, parents, not_fused, groups = [], [], {}, []
+    gated, parents, not_fused, groups, consumers = [], [], {}, [], []
+    producers = _install(model).producers = InputProducers()
     for name, module in model.named_modules():
         adapted = {n: c for n, c in module.named_children() if isinstance(c, LoRALinear)}
         if not adapted:
@@ -80,14 +82,16 @@ def install_fused_paths(model: nn.Module, kernels: str = "none") -> FusionReport
         if isinstance(mlp, str):
             not_fused[canonical_name(name)] = mlp
         elif mlp is not None:
-            _install(module).mlp = _GatedMLP(module, *mlp, kernels)
+            _install(module).mlp = _GatedMLP(module, *mlp, kernels, producers)
             gated.append(canonical_name(name))
+            consumers.append(name)
             continue
         candidates = _by_input_width(adapted)
         for members in (m for m in candidates.values() if len(m) > 1):
-            groups.append(SharedInputGroup(canonical_name(name), module, members))
+            groups.append(SharedInputGroup(canonical_name(name), module, members, producers))
         if any(len(m) > 1 for m in candidates.values()):
             parents.append(canonical_name(name))
+            consumers.append(name)
         for child, layer in adapted.items():
             reason = _why_alone(layer, candidates)
             if reason:
@@ -95,6 +99,7 @@ def install_fused_paths(model: nn.Module, kernels: str = "none") -> FusionReport
     first_forward = _FirstForwardLog(len(groups))
     for group in groups:
         group.first_forward = first_forward
+    producers.watch(_sibling_leaves(model, consumers))
     report = FusionReport(gated, parents, not_fused)
     rank_zero_info(str(report))
     return report
@@ -153,11 +158,14 @@ class SharedInputGroup:
     takes effect at the start of the next forward that is not a recomputation inside backward, so that activation
     checkpointing recomputes a block exactly as its forward ran."""
 
-    def __init__(self, parent_name: str, parent: nn.Module, members: dict[str, LoRALinear]) -> None:
+    def __init__(
+        self, parent_name: str, parent: nn.Module, members: dict[str, LoRALinear], producers: InputProducers
+    ) -> None:
         self.parent_name = parent_name or "the model"
         self.names = {layer: name for name, layer in members.items()}
         self.sets: dict[LoRALinear, tuple[LoRALinear, ...]] | None = None  # None until a forward was seen
         self.first_forward: _FirstForwardLog | None = None
+        self.producers = producers
         self._seen: dict[LoRALinear, torch.Tensor | None] = {}
         self._settled: dict[LoRALinear, tuple[LoRALinear, ...]] | None = None  # seen, in effect from the next forward
         self._turning_off: dict[tuple[LoRALinear, ...], str] = {}
@@ -170,9 +178,24 @@ class SharedInputGroup:
             layer.input_group = self
         _install(parent).groups.append(self)
 
+    def take(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s output on ``x``, if the shared node ran on that tensor (unchanged since) when a sibling was
+        called; otherwise ``None``, and `run` decides."""
+        siblings = None if self.sets is None else self.sets.get(layer)
+        pending = None if siblings is None else self._pending.get(siblings)
+        if pending is None:
+            return None
+        source, version, outputs = pending
+        if source is not x or version != _version(x) or layer not in outputs:
+            return None
+        out = outputs.pop(layer)
+        if not outputs:
+            del self._pending[siblings]
+        return out
+
     def run(self, layer: LoRALinear, x: torch.Tensor, operands: LinearOperands) -> torch.Tensor | None:
         """``layer``'s output on ``x`` (``operands``: its `LoRALinear.fused_operands`) from the shared node, or
-        ``None`` for its own path."""
+        ``None`` for its own path; `take` came first."""
         if self.sets is None:
             if self._settled is None:  # the first forward: watch who gets which tensor
                 self._seen[layer] = x if layer not in self._seen else None  # called twice: never shares
@@ -180,19 +203,12 @@ class SharedInputGroup:
         siblings = self.sets.get(layer)
         if siblings is None:
             return None
-        pending = self._pending.pop(siblings, None)
-        if pending is not None:
-            source, version, outputs = pending
-            if source is x and version == _version(x) and layer in outputs:
-                out = outputs.pop(layer)
-                if outputs:
-                    self._pending[siblings] = pending
-                return out
+        if self._pending.pop(siblings, None) is not None:  # a sibling's call left outputs `take` did not match
             self._turning_off[siblings] = f"{self.names[layer]} got another tensor than its siblings"
         together = [operands if sibling is layer else sibling.fused_operands(x) for sibling in siblings]
         if any(o is None for o in together) or len({o.dropout for o in together}) > 1:
             return None
-        outputs = dict(zip(siblings, lora_shared_input(x, together), strict=True))
+        outputs = dict(zip(siblings, lora_shared_input(x, together, self.producers.of(x)), strict=True))
         out = outputs.pop(layer)
         self._pending[siblings] = (x, _version(x), outputs)
         return out
@@ -301,6 +317,100 @@ def _why_not_linear(layer: LoRALinear) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------------------ producers
+
+
+class InputProducers:
+    """Leaf siblings of the fused modules (a decoder block's norms) that may produce a fused node's input. One
+    whose autograd node keeps its input and which gives the same bits when run again (a probe, on the first call
+    per device and dtype: Liger's RMSNorm qualifies, Hugging Face's, which keeps an fp32 copy, does not) has its
+    latest output remembered, weakly; a node reading that output, unchanged, keeps the module's input in its
+    place and runs the module again in backward (`functional.InputProducer`)."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, _Produced] = {}  # by id(output)
+        self._latest_of: dict[nn.Module, int] = {}
+        self._verdicts: dict[tuple[nn.Module, torch.device, torch.dtype, bool], bool] = {}
+        self._handles: list[Any] = []
+
+    def watch(self, modules: list[nn.Module]) -> None:
+        self._handles += [module.register_forward_hook(self._record) for module in modules]
+
+    def of(self, x: torch.Tensor) -> InputProducer | None:
+        """How ``x`` came about, if a producer's latest output is ``x``, neither changed in place since."""
+        latest = self._latest.get(id(x))
+        if latest is None:
+            return None
+        output, version, module, source, source_version = latest
+        kept = source()
+        if output() is not x or x._version != version or kept is None or kept._version != source_version:
+            return None
+        return InputProducer(module.forward, kept)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling() or len(args) != 1 or not isinstance(output, torch.Tensor):
+            return
+        (source,) = args
+        if output.grad_fn is None or not isinstance(source, torch.Tensor) or source.is_inference():
+            return
+        if not (output.is_contiguous() and output.storage_offset() == 0):  # as a run in backward gives it
+            return
+        key = (module, source.device, source.dtype, module.training)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._verdicts[key] = _keeps_its_input(module, source)
+        if verdict:
+            self._latest.pop(self._latest_of.get(module), None)
+            self._latest_of[module] = id(output)
+            self._latest[id(output)] = _Produced(
+                weakref.ref(output), output._version, module, weakref.ref(source), source._version
+            )
+
+
+class _Produced(NamedTuple):
+    """A producer's latest call, weakly: its output and input with their in-place versions at the time."""
+
+    output: weakref.ref
+    version: int
+    module: nn.Module
+    source: weakref.ref
+    source_version: int
+
+
+def _keeps_its_input(module: nn.Module, like: torch.Tensor) -> bool:
+    """Whether ``module``'s autograd node keeps its input itself and a run without autograd gives the same bits,
+    on a probe shaped like ``like``'s last dimension (saved-tensor hooks such as checkpointing's left out)."""
+    generator = torch.Generator(device=like.device).manual_seed(0)
+    probe = torch.randn(2, 3, like.shape[-1], generator=generator, device=like.device, dtype=like.dtype)
+    probe.requires_grad_(True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.enable_grad():
+            out = module.forward(probe)
+            kept = getattr(out.grad_fn, "saved_tensors", None) or ()
+        with torch.no_grad():
+            again = module.forward(probe)
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError):
+        return False
+    return any(t.data_ptr() == probe.data_ptr() for t in kept) and torch.equal(out, again)
+
+
+def _sibling_leaves(model: nn.Module, consumers: list[str]) -> list[nn.Module]:
+    """The leaf children without buffers or trainable parameters (norms, say) of the parents of ``consumers``."""
+    modules = dict(model.named_modules())
+    children = [child for name in consumers if name for child in modules[name.rpartition(".")[0]].children()]
+    return [
+        child
+        for child in dict.fromkeys(children)
+        if next(child.children(), None) is None
+        and next(child.buffers(), None) is None
+        and not any(p.requires_grad for p in child.parameters())
+    ]
+
+
 # ------------------------------------------------------------------------------------------------------ gated MLP
 
 
@@ -314,8 +424,9 @@ class _GatedMLP:
         layers: tuple[LoRALinear, LoRALinear, LoRALinear],
         act: nn.Module,
         kernels: str,
+        producers: InputProducers,
     ) -> None:
-        self.roles, self.layers, self.act = roles, layers, act
+        self.roles, self.layers, self.act, self.producers = roles, layers, act, producers
         self.buffers: MLPBuffers | None = None  # the layers' weights live here once the node has run
         silu = _is_silu(act)
         self.elementwise = "liger" if kernels == "liger" and silu else "silu" if silu else "torch"
@@ -332,7 +443,8 @@ class _GatedMLP:
         if any(o is None for o in operands) or operands[0].dropout != operands[1].dropout:
             return None
         elementwise = "silu" if self.elementwise == "liger" and x.device.type != "cuda" else self.elementwise
-        return lora_gated_mlp(x, self.act, *operands, elementwise=elementwise, buffers=self._folded(operands))
+        buffers = self._folded(operands)
+        return lora_gated_mlp(x, self.act, *operands, elementwise, buffers, self.producers.of(x))
 
     def _folded(self, operands: list[LinearOperands]) -> MLPBuffers:
         """The buffers the layers' weights are views of, folded anew where they are not (the first run, another
@@ -445,10 +557,13 @@ class _Installed:
     def __init__(self) -> None:
         self.groups: list[SharedInputGroup] = []
         self.mlp: _GatedMLP | None = None
+        self.producers: InputProducers | None = None
 
     def remove(self, module: nn.Module) -> None:
         for group in self.groups:
             group.remove()
+        if self.producers is not None:
+            self.producers.remove()
         if self.mlp is not None:
             self.mlp.remove(module)
 

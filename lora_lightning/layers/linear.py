@@ -134,11 +134,18 @@ class LoRALinear(LoRALayer):
         return LinearOperands(weight, bias, a, b, spec.scaling, spec.dropout if self.training else 0.0)
 
     def _fused_forward(self, x: torch.Tensor, name: str, *args: object, **kwargs: object) -> torch.Tensor | None:
-        operands = None if args or kwargs else self.fused_operands(x, name)
+        if args or kwargs or torch.compiler.is_compiling():
+            return None
+        group = self.input_group  # siblings reading the same input (`fused.install_fused_paths`)
+        if group is not None and name == self.active_adapter:
+            out = group.take(self, x)  # computed when a sibling was called on x
+            if out is not None:
+                return out
+        operands = self.fused_operands(x, name)
         if operands is None:
             return None
-        if self.input_group is not None:  # siblings reading the same input (`fused.install_fused_paths`)
-            out = self.input_group.run(self, x, operands)
+        if group is not None:
+            out = group.run(self, x, operands)
             if out is not None:
                 return out
         return lora_linear(x, *operands)

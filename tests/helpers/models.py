@@ -79,6 +79,53 @@ def make_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face Llama's RMSNorm, op for op."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+class _InputKeepingRMSNorm(torch.autograd.Function):
+    """RMSNorm as one autograd node that keeps its input (as Liger-Kernel's does) and recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, noise: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        out = _rms_norm(x, weight, eps)
+        return out + 1e-3 * torch.rand_like(out) if noise else out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (grad_x,) = torch.autograd.grad(_rms_norm(leaf, weight, ctx.eps), leaf, grad)
+        return grad_x, None, None, None
+
+
+class InputKeepingRMSNorm(nn.Module):
+    """A frozen RMSNorm whose backward keeps its input, standing in for Liger's on the CPU; ``noise`` adds a random
+    draw per call (a producer that does not give the same bits twice)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, noise: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.eps, self.noise = eps, noise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _InputKeepingRMSNorm.apply(x, self.weight, self.eps, self.noise)
+
+
+def keep_norm_inputs(model: nn.Module, noise: bool = False) -> nn.Module:
+    """``model`` with every Llama RMSNorm replaced by an `InputKeepingRMSNorm` of the same weight."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "LlamaRMSNorm":
+                setattr(parent, name, InputKeepingRMSNorm(child.weight, child.variance_epsilon, noise))
+    return model
+
+
 class LlamaModule(pl.LightningModule):
     """Causal-LM fine-tune of a tiny Llama through Lightning."""
 

@@ -23,7 +23,7 @@ from lora_lightning import (
     unload_lora,
 )
 from lora_lightning.fused import fused_wiring, install_fused_paths, remove_fused_paths, restore_fused_wiring
-from tests.helpers.models import make_llama
+from tests.helpers.models import InputKeepingRMSNorm, keep_norm_inputs, make_llama
 
 
 @pytest.fixture
@@ -126,6 +126,55 @@ def test_bf16_fused_gradients_match_the_per_layer_path():
 
     assert errors(fused_grads, exact).mean() <= 1.2 * errors(plain, exact).mean()
     assert errors(fused_grads, plain).max() <= 3e-2
+
+
+@pytest.mark.parametrize("norms", ["hf", "input-keeping", "noisy"])
+def test_nodes_keep_the_norm_s_input_for_their_own_where_the_norm_keeps_it_and_gives_the_same_bits(norms):
+    """Hugging Face's norm keeps an fp32 copy, so the nodes keep the norm's output; a norm whose node keeps its
+    input (Liger's) lets them keep that instead; a norm that draws noise cannot be run again."""
+
+    def llama() -> nn.Module:
+        model = adapted_llama()
+        return model if norms == "hf" else keep_norm_inputs(model, noise=norms == "noisy")
+
+    _, want = step_grads(llama())
+    model = llama()
+    install_fused_paths(model)
+    _, got = step_grads(model)
+    if norms != "noisy":
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    outputs: dict[str, torch.Tensor] = {}  # held, so that no saved tensor reuses their memory
+    for name, module in model.named_modules():
+        if name.endswith("layernorm"):
+            module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
+    saved: set[int] = set()
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.add(t.untyped_storage().data_ptr()) or t, lambda t: t
+    ):
+        loss = model(input_ids=TOKENS, labels=TOKENS).loss
+    loss.backward()
+    assert len(outputs) == 4
+    kept = {name for name, out in outputs.items() if out.untyped_storage().data_ptr() in saved}
+    assert kept == (set() if norms == "input-keeping" else set(outputs))
+
+
+def test_a_norm_output_or_input_changed_in_place_is_no_longer_produced_by_it():
+    norm = InputKeepingRMSNorm(torch.ones(8), 1e-6)
+    producers = fused.InputProducers()
+    producers.watch([norm])
+    hidden = torch.randn(3, 8, requires_grad=True) * 1.0
+    x = norm(hidden)
+    producer = producers.of(x)
+    assert producer is not None and producer.source is hidden and torch.equal(producer.fn(producer.source), x)
+    assert producers.of(x.clone()) is None
+    x.mul_(2.0)
+    assert producers.of(x) is None
+    x = norm(hidden)
+    hidden.add_(1.0)
+    assert producers.of(x) is None
+    producers.remove()
+    assert producers.of(norm(hidden)) is None
 
 
 def test_state_dict_and_adapter_keys_are_unchanged():
@@ -412,12 +461,17 @@ def test_different_dropout_on_gate_and_up_falls_back():
     assert mlp.__dict__["_lora_fused_paths"].mlp.run(mlp, x) is not None
 
 
+@pytest.mark.parametrize("norms", ["hf", "input-keeping"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_gradient_checkpointing_keeps_the_fused_gradients(dropout):
-    model = adapted_llama(dropout)
+def test_gradient_checkpointing_keeps_the_fused_gradients(dropout, norms):
+    def llama() -> nn.Module:
+        model = adapted_llama(dropout)
+        return keep_norm_inputs(model) if norms == "input-keeping" else model
+
+    model = llama()
     install_fused_paths(model)
     _, expected = step_grads(model)
-    checkpointed = adapted_llama(dropout)
+    checkpointed = llama()
     install_fused_paths(checkpointed)
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _, got = step_grads(checkpointed)

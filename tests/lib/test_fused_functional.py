@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_lightning.functional import LinearOperands, MLPBuffers, lora_gated_mlp, lora_linear, lora_shared_input
+from lora_lightning.functional import (
+    InputProducer,
+    LinearOperands,
+    MLPBuffers,
+    lora_gated_mlp,
+    lora_linear,
+    lora_shared_input,
+)
 
 DTYPE = torch.float64
 
@@ -180,3 +187,37 @@ def test_gated_mlp_refuses_buffers_its_weights_are_not_views_of():
     torch.testing.assert_close(
         lora_gated_mlp(x, nn.SiLU(), *folded, buffers=buffers), lora_gated_mlp(x, nn.SiLU(), *ops)
     )
+
+
+@pytest.mark.parametrize("node", ["shared input", "gated MLP"])
+def test_a_node_given_its_input_s_producer_keeps_the_source_and_gives_the_same_gradients(node):
+    """With `InputProducer`, the node keeps the producer's input (its own input is not saved) and recomputes its
+    input from it in backward, replaying the same dropout masks: the gradients are exactly those without."""
+    source = torch.randn(2, 3, 5, dtype=DTYPE)
+    producer = InputProducer(torch.tanh, source)
+    specs = [(5, 7, 2, 2.0, 0.3), (5, 7, 3, 0.5, 0.3), (7, 5, 2, 1.0, 0.2)]
+    layers = [operands(*spec, seed=i) for i, spec in enumerate(specs)]
+    factors = [t for layer in layers for t in layer[2:4]]
+
+    def run(given: InputProducer | None) -> tuple[bool, set[int], list[torch.Tensor]]:
+        """Whether the node saved its input, the storages it saved, and the gradients."""
+        x = torch.tanh(source).requires_grad_(True)
+        ops = [LinearOperands(*layer) for layer in layers]
+        saved: set[int] = set()
+        torch.manual_seed(3)
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.add(t.untyped_storage().data_ptr()) or t, lambda t: t
+        ):
+            if node == "shared input":
+                out = sum(y.sum(-1) for y in lora_shared_input(x, ops[:2], given))
+            else:
+                out = lora_gated_mlp(x, nn.SiLU(), *ops, producer=given)
+        grads = torch.autograd.grad(out.square().sum(), [x, *factors[: 4 if node == "shared input" else 6]])
+        return x.untyped_storage().data_ptr() in saved, saved, list(grads)
+
+    saved_x, _, want = run(None)
+    assert saved_x
+    saved_x, saved, got = run(producer)
+    assert not saved_x and source.untyped_storage().data_ptr() in saved
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)

@@ -101,6 +101,28 @@ def test_liger_composes_with_the_fused_paths():
     assert_close_in_norm(grads(fused_model), grads(llama(torch.bfloat16, kernels="liger", fused=False)), 3e-2)
 
 
+def test_under_liger_the_nodes_keep_the_norms_inputs_instead_of_their_own():
+    """Liger's RMSNorm keeps its input, so the fused nodes keep that and run the norm again in backward. The first
+    block's norm reads the frozen embeddings' output, which needs no gradient: no node of the norm keeps it, so
+    the node reading that norm keeps its own input. (Hugging Face's norm: tests/lib/test_fused.py, on the CPU.)"""
+    needs_liger()
+    model = llama(torch.bfloat16, kernels="liger")
+    want = grads(llama(torch.bfloat16, kernels="liger", fused=False), steps=1)
+    assert_close_in_norm(grads(model, steps=2), want, 3e-2)
+    outputs = {}  # held, so that no saved tensor reuses their memory
+    for name, module in model.named_modules():
+        if name.endswith("layernorm"):
+            module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
+    saved = set()
+    tokens = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.add(t.untyped_storage().data_ptr()) or t, lambda t: t
+    ):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    kept = {name for name, out in outputs.items() if out.untyped_storage().data_ptr() in saved}
+    assert len(outputs) == 4 and kept == {"model.layers.0.input_layernorm"}
+
+
 def test_liger_refuses_an_adapted_head():
     needs_liger()
     model = transformers.LlamaForCausalLM(tiny_llama_config()).cuda()
