@@ -30,8 +30,8 @@ Given an `InputProducer` (``x = fn(source)``, where the producer's own node keep
 saves its input does), the shared-input and gated MLP nodes save ``source`` instead of ``x`` and recompute ``x``
 in backward: one frozen-norm pass bought for one saved activation of the model's width.
 
-Masks are never stored: backward replays the fused dropout kernel on the same input from the generator state
-saved in forward, then puts the generator back where it was, so after backward it is where forward left it.
+Masks are never stored: backward draws them again (`dropout`; on CUDA, inside Triton kernels that apply them
+as they multiply).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from lora_lightning.dropout import Replayed, dropped_linear
 
 # How `lora_gated_mlp` computes ``act(G) * U`` and its gradients: "torch" (any activation module, its gradient
 # through autograd), "silu" (a SiLU activation: PyTorch's SiLU kernels called directly) or "liger" (Liger-Kernel's
@@ -183,49 +185,7 @@ def _one_dropout(layers: Sequence[LinearOperands]) -> float:
     return dropouts.pop()
 
 
-# ------------------------------------------------------------------------------------------------------ dropout
-
-
-def _generator(device: torch.device) -> torch.Generator:
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.default_generator
-
-
-def _draw(ctx: Any, key: str, x: torch.Tensor, p: float) -> torch.Tensor:
-    """``d(x)``, remembering the generator state under ``ctx.<key>`` for `_replay` (``x`` itself when ``p`` is 0)."""
-    if not p:
-        return x
-    setattr(ctx, key, _generator(x.device).get_state())
-    return torch.native_dropout(x, p, True)[0]
-
-
-def _replay(ctx: Any, key: str, x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(d(x), m)`` as `_draw` made them (``(x, None)`` when ``p`` is 0); the generator is left untouched."""
-    if not p:
-        return x, None
-    generator = _generator(x.device)
-    current = generator.get_state()
-    generator.set_state(getattr(ctx, key))
-    try:
-        return torch.native_dropout(x, p, True)
-    finally:
-        generator.set_state(current)
-
-
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """``t`` if it is contiguous from the start of its storage, else such a copy: a CUDA dropout mask depends on its
-    input's layout and alignment, so a mask replayed on a copy is drawn on a fresh copy in forward too."""
-    return t if t.is_contiguous() and t.storage_offset() == 0 else t.clone(memory_format=torch.contiguous_format)
-
-
-def _add_input_grad(
-    grad_x: torch.Tensor, gh: torch.Tensor, lora_a: torch.Tensor, keep: torch.Tensor | None, p: float
-) -> torch.Tensor:
-    """``grad_x += d'(gh A)`` in place."""
-    if keep is None:
-        return grad_x.addmm_(gh, lora_a)
-    return grad_x.addcmul_(torch.mm(gh, lora_a), keep, value=1.0 / (1.0 - p))
+# ------------------------------------------------------------------------------------------------------ helpers
 
 
 def _kept_input(ctx: Any, x: torch.Tensor, producer: InputProducer | None) -> torch.Tensor:
@@ -268,7 +228,7 @@ class _LoRALinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         flat = _rows(x)
         out = F.linear(flat, weight, bias)
-        h = _draw(ctx, "rng", flat, dropout) @ lora_a.t()
+        h = dropped_linear(ctx, "rng", flat, lora_a, dropout)
         out.addmm_(h, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h)
         ctx.scaling, ctx.dropout = scaling, dropout
@@ -281,9 +241,9 @@ class _LoRALinearFunction(torch.autograd.Function):
         g = _rows(grad_out)
         grad_b = _scaled_mm(g.t(), h, ctx.scaling) if needs_b else None
         gh = _scaled_mm(g, lora_b, ctx.scaling)
-        dropped, keep = _replay(ctx, "rng", _rows(x), ctx.dropout)
-        grad_a = torch.mm(gh.t(), dropped) if needs_a else None
-        grad_x = _add_input_grad(torch.mm(g, weight), gh, lora_a, keep, ctx.dropout).view(x.shape) if needs_x else None
+        dropout = Replayed(ctx, "rng", _rows(x), ctx.dropout)
+        grad_a = dropout.grad_factor(gh) if needs_a else None
+        grad_x = dropout.add_input_grad_(torch.mm(g, weight), gh, lora_a).view(x.shape) if needs_x else None
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
@@ -295,7 +255,7 @@ def _shared_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """``h`` and the outputs ``y_i`` of layers ``(W, b, A, B)`` on rows ``flat`` (one mask, one ``A`` GEMM)."""
     a_cat = torch.cat([a for _, _, a, _ in layers])
-    h = _draw(ctx, "rng_x", flat, dropout) @ a_cat.t()
+    h = dropped_linear(ctx, "rng_x", flat, a_cat, dropout)
     outs = []
     for (weight, bias, _, lora_b), h_i, scaling in zip(layers, _split(h, layers), scalings, strict=True):
         outs.append(F.linear(flat, weight, bias).addmm_(h_i, lora_b.t(), alpha=scaling))
@@ -328,13 +288,13 @@ def _shared_backward(
         if needs[0]:
             grad_x = torch.mm(g, weight) if grad_x is None else grad_x.addmm_(g, weight)
     gh = torch.cat(ghs, dim=1)
-    dropped, keep = _replay(ctx, "rng_x", flat, dropout)
+    replayed = Replayed(ctx, "rng_x", flat, dropout)
     grads_a: list[torch.Tensor | None] = [None] * len(layers)
     if any(needs[1::2]):
-        stacked = torch.mm(gh.t(), dropped).split(_ranks(layers))
+        stacked = replayed.grad_factor(gh).split(_ranks(layers))
         grads_a = [ga if n and g is not None else None for ga, g, n in zip(stacked, grads, needs[1::2], strict=True)]
     if needs[0]:
-        grad_x = _add_input_grad(grad_x if grad_x is not None else torch.zeros_like(flat), gh, a_cat, keep, dropout)
+        grad_x = replayed.add_input_grad_(grad_x if grad_x is not None else torch.zeros_like(flat), gh, a_cat)
     return grad_x, grads_a, grads_b
 
 
@@ -457,15 +417,15 @@ class _GatedMLPFunction(torch.autograd.Function):
         buffers.write_factors(lora_b_g, lora_b_u, a_d, scalings)
         flat = _rows(x)
         width, out_d = flat.shape[1], buffers.down.shape[0] - a_d.shape[0]
-        dropped = _draw(ctx, "rng_x", _fresh(flat) if dropouts[0] else flat, dropouts[0])
-        h_gu = dropped @ torch.cat([a_g, a_u]).t()
+        a_gu = torch.cat([a_g, a_u])
+        h_gu = dropped_linear(ctx, "rng_x", flat, a_gu, dropouts[0])
         x_cat = torch.cat([flat, h_gu], dim=1)  # [x | h_g | h_u]
         gate = F.linear(x_cat[:, : width + a_g.shape[0]], buffers.gate, b_g)
         up = F.linear(x_cat, buffers.up, b_u)
         del x_cat
         product = _gate(act, gate, up, elementwise)
         if dropouts[1]:  # h_d reads the dropped product: its own GEMM
-            h_d = _draw(ctx, "rng_p", product, dropouts[1]) @ a_d.t()
+            h_d = dropped_linear(ctx, "rng_p", product, a_d, dropouts[1])
             out = F.linear(product, buffers.down[:out_d], b_d).addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
         else:  # [y | h_d] = P [W_d; A_d]^T
             bias = None if b_d is None else torch.cat([b_d, b_d.new_zeros(a_d.shape[0])])
@@ -473,15 +433,16 @@ class _GatedMLPFunction(torch.autograd.Function):
             h_d = both[:, out_d:].clone()
             out = both[:, :out_d].addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
         kept = _kept_input(ctx, x, producer)
-        ctx.save_for_backward(kept, h_gu, gate, up, h_d, a_g, a_u, a_d, lora_b_g, lora_b_u, lora_b_d)
+        ctx.save_for_backward(kept, h_gu, gate, up, h_d, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d)
         ctx.act, ctx.elementwise, ctx.dropouts, ctx.scalings = act, elementwise, dropouts, scalings
+        ctx.rank_g = a_g.shape[0]
         ctx.buffers = buffers  # held, not saved: forward and backward write its factor blocks
         return out.view(*x.shape[:-1], out_d)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        kept, h_gu, gate, up, h_d, a_g, a_u, a_d, lora_b_g, lora_b_u, lora_b_d = ctx.saved_tensors
+        kept, h_gu, gate, up, h_d, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d = ctx.saved_tensors
         buffers, (s_g, s_u, s_d), (p_gu, p_d) = ctx.buffers, ctx.scalings, ctx.dropouts
         buffers.write_factors(lora_b_g, lora_b_u, a_d, ctx.scalings)  # another forward may have run since
         needs = ctx.needs_input_grad
@@ -490,18 +451,16 @@ class _GatedMLPFunction(torch.autograd.Function):
         grad_b_d = _scaled_mm(g.t(), h_d, s_d) if needs[15] else None
         gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
         gh_d = _scaled_mm(g, lora_b_d, s_d)
+        dropped_product = Replayed(ctx, "rng_p", gated.product, p_d)
         if p_d:
-            product, keep = _replay(ctx, "rng_p", gated.product, p_d)
-            grad_product = _add_input_grad(torch.mm(g, buffers.down[:out_d]), gh_d, a_d, keep, p_d)
-            del keep
+            grad_product = dropped_product.add_input_grad_(torch.mm(g, buffers.down[:out_d]), gh_d, a_d)
         else:  # gP = [g | gh_d] [W_d; A_d]
-            product = gated.product
             grad_product = torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
-        grad_a_d = torch.mm(gh_d.t(), product) if needs[14] else None
-        del product, gated.product, gh_d
+        grad_a_d = dropped_product.grad_factor(gh_d) if needs[14] else None
+        del dropped_product, gated.product, gh_d
         grad_gate, grad_up = gated.backward(grad_product)
         del grad_product, gated
-        rank_g = a_g.shape[0]
+        rank_g = ctx.rank_g
         grad_b_g = _scaled_mm(grad_gate.t(), h_gu[:, :rank_g], s_g) if needs[9] else None
         grad_b_u = _scaled_mm(grad_up.t(), h_gu[:, rank_g:], s_u) if needs[12] else None
         # [gx | gh_g | gh_u] = gU [W_u | 0 | s_u B_u] + gG [W_g | s_g B_g] (onto the first width + r_g columns)
@@ -510,14 +469,13 @@ class _GatedMLPFunction(torch.autograd.Function):
         grad_cat[:, : width + rank_g].addmm_(grad_gate, buffers.gate)
         del grad_gate, grad_up
         gh = grad_cat[:, width:].clone()
-        flat = _rows(_restored_input(ctx, kept))
-        dropped, keep = _replay(ctx, "rng_x", _fresh(flat) if p_gu else flat, p_gu)
+        replayed = Replayed(ctx, "rng_x", _rows(_restored_input(ctx, kept)), p_gu)
         grad_a_g = grad_a_u = None
         if needs[8] or needs[11]:
-            grad_a_g, grad_a_u = torch.mm(gh.t(), dropped).split([rank_g, a_u.shape[0]])
+            grad_a_g, grad_a_u = replayed.grad_factor(gh).split([rank_g, a_gu.shape[0] - rank_g])
         grad_x = None
         if needs[0]:
-            grad_x = _add_input_grad(grad_cat[:, :width], gh, torch.cat([a_g, a_u]), keep, p_gu)
+            grad_x = replayed.add_input_grad_(grad_cat[:, :width], gh, a_gu)
             grad_x = grad_x.view(*grad_out.shape[:-1], width)
         per_layer = (None, grad_a_g if needs[8] else None, grad_b_g, None, grad_a_u if needs[11] else None, grad_b_u)
         return (grad_x, None, None, None, None, None, None, *per_layer, None, grad_a_d, grad_b_d)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lora_lightning import LoRAConfig, LoRAFinetuneCallback, adapter_parameters, apply_kernels, inject_lora
-from lora_lightning.functional import LinearOperands, lora_gated_mlp
 from lora_lightning.fused import install_fused_paths
 from tests.helpers.models import LlamaModule, make_trainer, tiny_llama_config, token_data
 
@@ -46,47 +45,6 @@ def assert_close_in_norm(got: list[torch.Tensor], want: list[torch.Tensor], tole
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_fused_gradients_match_the_per_layer_path_on_cuda(dtype, tolerance):
     assert_close_in_norm(grads(llama(dtype)), grads(llama(dtype, fused=False)), tolerance)
-
-
-@pytest.mark.parametrize("strided", [False, True])
-def test_cuda_masks_are_replayed_and_the_generator_is_left_where_forward_left_it(strided):
-    """Also for an input that is a strided view at an offset (a CUDA dropout mask depends on the layout)."""
-    torch.manual_seed(0)
-    shapes = [(64, 96), (64, 96), (96, 64)]
-    layers = [
-        LinearOperands(
-            torch.randn(o, i, device="cuda") / i**0.5,
-            None,
-            (torch.randn(8, i, device="cuda") / i**0.5).requires_grad_(),
-            (torch.randn(o, 8, device="cuda") * 0.1).requires_grad_(),
-            2.0,
-            0.1,
-        )
-        for i, o in shapes
-    ]
-    leaf = torch.randn(4, 32, 72 if strided else 64, device="cuda", requires_grad=True)
-    x = leaf[..., 3:67] if strided else leaf
-    act = torch.nn.SiLU()
-    generator = torch.cuda.default_generators[torch.cuda.current_device()]
-    start = generator.get_state()
-    y = lora_gated_mlp(lora_gated_mlp(x, act, *layers), act, *layers)
-    after_forward = generator.get_state()
-    factors = [leaf, *(t for layer in layers for t in (layer.lora_a, layer.lora_b))]
-    got = torch.autograd.grad(y.square().sum(), factors)
-    assert torch.equal(generator.get_state(), after_forward)
-
-    generator.set_state(start)
-    out = x
-    for _ in range(2):
-        (w_g, _, a_g, b_g, s, p), (w_u, _, a_u, b_u, _, _), (w_d, _, a_d, b_d, _, _) = layers
-        mask = torch.native_dropout(out.reshape(-1, 64), p, True)[1].view(out.shape) / (1 - p)
-        gate = out @ w_g.t() + s * ((out * mask) @ a_g.t()) @ b_g.t()
-        up = out @ w_u.t() + s * ((out * mask) @ a_u.t()) @ b_u.t()
-        product = act(gate) * up
-        mask_p = torch.native_dropout(product.reshape(-1, 96), p, True)[1].view(product.shape) / (1 - p)
-        out = product @ w_d.t() + s * ((product * mask_p) @ a_d.t()) @ b_d.t()
-    want = torch.autograd.grad(out.square().sum(), factors)
-    assert_close_in_norm(list(got), list(want), 1e-4)
 
 
 def needs_liger():

@@ -1,0 +1,144 @@
+"""Triton kernels for `dropout`: the three products of a LoRA input's dropout, each reading its operands once and
+never writing the mask or the dropped input.
+
+The keep mask of element ``(i, j)`` of an ``[n, k]`` input is a function of ``(seed, i, j)`` alone: Philox-4x32
+(``tl.randint4x``) at counter ``i * ceil(k / 8) + j // 8`` gives four 32-bit words, whose eight 16-bit halves are
+the uniforms of columns ``8 (j // 8) ... 8 (j // 8) + 7``; an element is kept when its half is at least
+``round(p * 2^16)``. So a mask is drawn the same in every kernel whatever the tiling or the input's strides, and
+the dropout probability is ``p`` to within ``2^-17``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M, BLOCK_K = 64, 128
+
+
+def threshold(p: float) -> int:
+    """The 16-bit threshold below which a uniform drops its element."""
+    return round(p * 65536)
+
+
+@triton.jit
+def _keep(seed, rows, col8, n_col8, thresh, BM: tl.constexpr, BK: tl.constexpr):
+    """The ``[BM, BK]`` keep mask of ``rows`` and the ``BK`` columns from ``8 * col8`` on."""
+    counters = rows[:, None].to(tl.int64) * n_col8 + (col8 + tl.arange(0, BK // 8))[None, :].to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3)).reshape(BM, BK // 2)
+    halves = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF).reshape(BM, BK)
+    return halves >= thresh
+
+
+@triton.jit
+def _dropped_linear(
+    x, a, h, n, k, r, sxn, sxk, sar, sak, shn, shr, seed, thresh, scale,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``h = d(x) A^T`` for the ``BM`` rows of this program."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    ranks = tl.arange(0, BR)
+    n_col8 = tl.cdiv(k, 8)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, k, BK):
+        cols = k0 + tl.arange(0, BK)
+        tile = tl.load(x + rows[:, None] * sxn + cols[None, :] * sxk, (rows[:, None] < n) & (cols[None, :] < k), 0.0)
+        tile = tl.where(_keep(seed, rows, k0 // 8, n_col8, thresh, BM, BK), tile, 0.0).to(a.dtype.element_ty)
+        factor = tl.load(
+            a + ranks[None, :] * sar + cols[:, None] * sak, (ranks[None, :] < r) & (cols[:, None] < k), 0.0
+        )
+        acc = tl.dot(tile, factor, acc, input_precision=PRECISION)
+    mask = (rows[:, None] < n) & (ranks[None, :] < r)
+    tl.store(h + rows[:, None] * shn + ranks[None, :] * shr, (acc * scale).to(h.dtype.element_ty), mask)
+
+
+@triton.jit
+def _grad_factor(
+    gh, x, out, n, k, r, rows_per_split, sgn, sgr, sxn, sxk, son, sok, seed, thresh, scale,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One split's ``gh^T d(x)`` over its rows, for the ``BK`` columns of this program (fp32, summed after)."""
+    cols = tl.program_id(0) * BK + tl.arange(0, BK)
+    split = tl.program_id(1)
+    ranks = tl.arange(0, BR)
+    n_col8 = tl.cdiv(k, 8)
+    acc = tl.zeros((BR, BK), dtype=tl.float32)
+    first = split.to(tl.int64) * rows_per_split
+    for m0 in range(first, tl.minimum(first + rows_per_split, n), BM):
+        rows = m0 + tl.arange(0, BM)
+        tile = tl.load(x + rows[:, None] * sxn + cols[None, :] * sxk, (rows[:, None] < n) & (cols[None, :] < k), 0.0)
+        tile = tl.where(_keep(seed, rows, tl.program_id(0) * (BK // 8), n_col8, thresh, BM, BK), tile, 0.0)
+        grads = tl.load(
+            gh + rows[:, None] * sgn + ranks[None, :] * sgr, (rows[:, None] < n) & (ranks[None, :] < r), 0.0
+        )
+        acc = tl.dot(tl.trans(grads), tile.to(grads.dtype), acc, input_precision=PRECISION)
+    mask = (ranks[:, None] < r) & (cols[None, :] < k)
+    tl.store(out + split * r * k + ranks[:, None] * son + cols[None, :] * sok, acc * scale, mask)
+
+
+@triton.jit
+def _add_dropped_grad(
+    gx, gh, a, n, k, r, sgxn, sgxk, sghn, sghr, sar, sak, seed, thresh, scale,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``gx += d'(gh A)`` on this program's ``[BM, BK]`` tile."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    ranks = tl.arange(0, BR)
+    grads = tl.load(gh + rows[:, None] * sghn + ranks[None, :] * sghr, (rows[:, None] < n) & (ranks[None, :] < r), 0.0)
+    factor = tl.load(a + ranks[:, None] * sar + cols[None, :] * sak, (ranks[:, None] < r) & (cols[None, :] < k), 0.0)
+    update = tl.dot(grads, factor, input_precision=PRECISION) * scale
+    keep = _keep(seed, rows, tl.program_id(1) * (BK // 8), tl.cdiv(k, 8), thresh, BM, BK)
+    mask = (rows[:, None] < n) & (cols[None, :] < k)
+    pointers = gx + rows[:, None] * sgxn + cols[None, :] * sgxk
+    total = tl.load(pointers, mask, 0.0).to(tl.float32) + tl.where(keep, update, 0.0)
+    tl.store(pointers, total.to(gx.dtype.element_ty), mask)
+
+
+def _ranks_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _precision(t: torch.Tensor) -> str:
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def dropped_linear(x: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``d(x) A^T`` for rows ``x`` (``[n, k]``) and ``A`` (``[r, k]``)."""
+    n, k = x.shape
+    h = x.new_empty(n, a.shape[0])
+    _dropped_linear[(triton.cdiv(n, BLOCK_M),)](
+        x, a, h, n, k, a.shape[0], *x.stride(), *a.stride(), *h.stride(), seed, threshold(p), 1.0 / (1.0 - p),
+        BM=BLOCK_M, BK=BLOCK_K, BR=_ranks_block(a.shape[0]), PRECISION=_precision(x), num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return h
+
+
+def grad_factor(gh: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``gh^T d(x)`` for rows ``x`` (``[n, k]``) and ``gh`` (``[n, r]``): deterministic (a fixed split of the rows,
+    summed in fp32)."""
+    n, k = x.shape
+    r = gh.shape[1]
+    column_blocks = triton.cdiv(k, BLOCK_K)
+    programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    splits = max(1, min(triton.cdiv(n, BLOCK_M), programs // column_blocks))
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), BLOCK_M) * BLOCK_M
+    splits = triton.cdiv(n, rows_per_split) if n else 1
+    partial = torch.zeros(splits, r, k, device=x.device, dtype=torch.float32)
+    _grad_factor[(column_blocks, splits)](
+        gh, x, partial, n, k, r, rows_per_split, *gh.stride(), *x.stride(), k, 1, seed, threshold(p), 1.0 / (1.0 - p),
+        BM=BLOCK_M, BK=BLOCK_K, BR=_ranks_block(r), PRECISION=_precision(x), num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return partial.sum(0).to(x.dtype)
+
+
+def add_dropped_grad_(gx: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``gx += d'(gh A)`` in place for ``gx`` (``[n, k]``, any strides), ``gh`` (``[n, r]``) and ``A`` (``[r, k]``)."""
+    n, k = gx.shape
+    _add_dropped_grad[(triton.cdiv(n, BLOCK_M), triton.cdiv(k, BLOCK_K))](
+        gx, gh, a, n, k, a.shape[0], *gx.stride(), *gh.stride(), *a.stride(), seed, threshold(p), 1.0 / (1.0 - p),
+        BM=BLOCK_M, BK=BLOCK_K, BR=_ranks_block(a.shape[0]), PRECISION=_precision(gx), num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return gx

@@ -1,0 +1,128 @@
+"""The Triton dropout kernels of lora_lightning.dropout_triton against PyTorch with the masks they draw, the mask's
+distribution, and the fused nodes on CUDA (run on the device machine; skipped where no GPU is present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_lightning.functional import LinearOperands, lora_gated_mlp, lora_shared_input
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+kernels = pytest.importorskip("lora_lightning.dropout_triton", exc_type=ImportError)
+
+
+def mask(n: int, k: int, seed: int, p: float) -> torch.Tensor:
+    """The keep mask the kernels draw for an ``[n, k]`` input, read off ``0 += d'(1 1^T)``."""
+    ones = torch.ones(n, 1, device="cuda")
+    drawn = kernels.add_dropped_grad_(torch.zeros(n, k, device="cuda"), ones, ones[:1].expand(1, k), seed, p)
+    keep = drawn != 0
+    torch.testing.assert_close(drawn[keep], torch.full_like(drawn[keep], 1.0 / (1.0 - p)))
+    return keep
+
+
+SEED = (1 << 40) + 12345
+
+
+@pytest.mark.parametrize(("n", "k", "r"), [(300, 203, 1), (256, 2048, 16), (129, 8192, 48)])
+def test_the_three_products_equal_pytorch_with_the_kernels_mask(n, k, r):
+    p = 0.3
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x, gh = (torch.randn(n, w, device="cuda", generator=generator) for w in (k, r))
+    a = torch.randn(r, k, device="cuda", generator=generator) / k**0.5
+    gx = torch.randn(n, k, device="cuda", generator=generator)
+    dropped = x * mask(n, k, SEED, p) / (1 - p)
+    torch.testing.assert_close(kernels.dropped_linear(x, a, SEED, p), dropped @ a.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernels.grad_factor(gh, x, SEED, p), gh.t() @ dropped, rtol=1e-4, atol=1e-3)
+    want = gx + (gh @ a) * mask(n, k, SEED, p) / (1 - p)
+    torch.testing.assert_close(kernels.add_dropped_grad_(gx.clone(), gh, a, SEED, p), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_mask_does_not_depend_on_the_input_s_layout_and_bf16_accumulates_in_fp32():
+    p, n, k = 0.1, 200, 300
+    x = torch.randn(k, n, device="cuda").t()  # column-major rows
+    a = torch.randn(16, k, device="cuda")
+    want = (x * mask(n, k, SEED, p) / (1 - p)) @ a.t()
+    torch.testing.assert_close(kernels.dropped_linear(x, a, SEED, p), want, rtol=1e-4, atol=1e-4)
+    half = kernels.dropped_linear(x.bfloat16(), a.bfloat16(), SEED, p).float()
+    assert (half - want).norm() <= 1e-2 * want.norm()
+
+
+def test_the_mask_keeps_each_element_with_probability_1_minus_p_independently():
+    p, n, k = 0.05, 1024, 1024
+    keep = mask(n, k, SEED, p).float()
+    total = n * k
+    assert abs(keep.mean().item() - (1 - p)) < 5 * (p * (1 - p) / total) ** 0.5
+    # neighbours (within a group of eight columns, and across rows) are uncorrelated
+    for a, b in ((keep[:, :-1], keep[:, 1:]), (keep[:-1], keep[1:])):
+        correlation = ((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())
+        assert abs(correlation.item()) < 5 / total**0.5
+    assert not torch.equal(mask(n, k, SEED + 1, p), keep.bool())
+    assert torch.equal(mask(n, k, SEED, p), keep.bool())
+
+
+def operands(shapes: list[tuple[int, int]], p: float) -> list[LinearOperands]:
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    return [
+        LinearOperands(
+            torch.randn(o, i, device="cuda", generator=generator) / i**0.5,
+            None,
+            (torch.randn(8, i, device="cuda", generator=generator) / i**0.5).requires_grad_(),
+            (torch.randn(o, 8, device="cuda", generator=generator) * 0.1).requires_grad_(),
+            2.0,
+            p,
+        )
+        for i, o in shapes
+    ]
+
+
+def seeds(count: int, start: int) -> list[int]:
+    """The kernel seeds the nodes draw from the CPU generator seeded with ``start``, in call order."""
+    torch.manual_seed(start)
+    return [int(torch.randint(1 << 32, 1 << 62, ())) for _ in range(count)]
+
+
+def test_the_gated_mlp_node_on_cuda_gives_the_gradients_of_the_masks_it_drew():
+    """Forward draws one seed per dropped input from the CPU generator; backward draws none and applies the same
+    masks: the gradients equal plain autograd's with those masks, and the CUDA generator is untouched."""
+    p = 0.1
+    layers = operands([(64, 96), (64, 96), (96, 64)], p)
+    leaf = torch.randn(4, 32, 72, device="cuda", requires_grad=True)
+    x = leaf[..., 3:67]  # a strided input
+    act = torch.nn.SiLU()
+    torch.manual_seed(11)
+    cuda_state = torch.cuda.get_rng_state()
+    y = lora_gated_mlp(x, act, *layers)
+    after_forward = torch.get_rng_state()
+    factors = [leaf, *(t for layer in layers for t in (layer.lora_a, layer.lora_b))]
+    got = torch.autograd.grad(y.square().sum(), factors)
+    assert torch.equal(torch.get_rng_state(), after_forward) and torch.equal(torch.cuda.get_rng_state(), cuda_state)
+
+    seed_x, seed_p = seeds(2, 11)
+    (w_g, _, a_g, b_g, s, _), (w_u, _, a_u, b_u, _, _), (w_d, _, a_d, b_d, _, _) = layers
+    dropped = x * mask(128, 64, seed_x, p).view(x.shape) / (1 - p)
+    gate = x @ w_g.t() + s * (dropped @ a_g.t()) @ b_g.t()
+    up = x @ w_u.t() + s * (dropped @ a_u.t()) @ b_u.t()
+    product = act(gate) * up
+    dropped_product = product * mask(128, 96, seed_p, p).view(product.shape) / (1 - p)
+    want_y = product @ w_d.t() + s * (dropped_product @ a_d.t()) @ b_d.t()
+    want = torch.autograd.grad(want_y.square().sum(), factors)
+    torch.testing.assert_close(y, want_y, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).norm() <= 1e-4 * w.norm()
+
+
+def test_the_shared_input_node_on_cuda_gives_the_gradients_of_its_one_mask():
+    p = 0.2
+    layers = operands([(64, 64), (64, 32)], p)
+    x = torch.randn(2, 50, 64, device="cuda", requires_grad=True)
+    torch.manual_seed(5)
+    q, k = lora_shared_input(x, layers)
+    factors = [x, *(t for layer in layers for t in (layer.lora_a, layer.lora_b))]
+    got = torch.autograd.grad(q.square().sum() + k.sum(), factors)
+    (seed,) = seeds(1, 5)
+    dropped = x * mask(100, 64, seed, p).view(x.shape) / (1 - p)
+    want_q, want_k = (x @ w.t() + s * (dropped @ a.t()) @ b.t() for w, _, a, b, s, _ in layers)
+    want = torch.autograd.grad(want_q.square().sum() + want_k.sum(), factors)
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).norm() <= 1e-4 * w.norm()
