@@ -14,10 +14,11 @@ other draws than PEFT's.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
+
+from lora_lightning.triton_support import triton_applies
 
 _SEEDS = (1 << 32, 1 << 62)  # kernel seeds are 64-bit integers (Triton types arguments below 2^31 as int32)
 
@@ -27,7 +28,7 @@ def dropped_linear(ctx: Any, key: str, x: torch.Tensor, lora_a: torch.Tensor, p:
     is 0)."""
     if not p:
         return x @ lora_a.t()
-    if _triton_applies(x):
+    if triton_applies(x):
         from lora_lightning import dropout_triton
 
         seed = int(torch.randint(*_SEEDS, (), generator=torch.default_generator))
@@ -76,17 +77,6 @@ class Replayed:
             finally:
                 generator.set_state(current)
         return self._masked
-
-
-def _triton_applies(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.numel() > 0 and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and _has_triton()
-
-
-@functools.cache
-def _has_triton() -> bool:
-    from torch.utils._triton import has_triton
-
-    return has_triton()
 
 
 def _generator(device: torch.device) -> torch.Generator:

@@ -44,10 +44,11 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from lora_lightning.dropout import Replayed, dropped_linear
+from lora_lightning.triton_support import triton_applies
 
 # How `lora_gated_mlp` computes ``act(G) * U`` and its gradients: "torch" (any activation module, its gradient
-# through autograd), "silu" (a SiLU activation: PyTorch's SiLU kernels called directly) or "liger" (Liger-Kernel's
-# fused SiLU-and-multiply kernels, for a SiLU activation on CUDA).
+# through autograd), "silu" (a SiLU activation: on CUDA the fused kernels of `gate_triton`, elsewhere PyTorch's SiLU
+# kernels called directly) or "liger" (Liger-Kernel's fused SiLU-and-multiply kernels, for a SiLU activation on CUDA).
 GATES = ("torch", "silu", "liger")
 
 
@@ -367,6 +368,10 @@ def _gate(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: t
         from liger_kernel.ops.swiglu import swiglu_forward
 
         return swiglu_forward(gate, up)[2]
+    if how == "silu" and triton_applies(gate):
+        from lora_lightning import gate_triton
+
+        return gate_triton.silu_mul(gate, up)
     return (F.silu(gate) if how == "silu" else act(gate)) * up
 
 
@@ -374,8 +379,9 @@ class _GateRecomputed:
     """``act(G) * U`` recomputed in backward, with what its gradient needs (``act`` runs once)."""
 
     def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, how: str):
-        self.act, self.gate, self.up, self.how = act, gate, up, how
-        if how == "liger":
+        self.act, self.gate, self.up = act, gate, up
+        self.how = "triton" if how == "silu" and triton_applies(gate) else how
+        if self.how in ("liger", "triton"):  # fused kernels: the product now, the gradients from G and U later
             self.product = _gate(act, gate, up, how)
             return
         if how == "silu":
@@ -393,6 +399,10 @@ class _GateRecomputed:
             from liger_kernel.ops.swiglu import swiglu_backward
 
             return swiglu_backward(self.gate, self.up, grad)
+        if self.how == "triton":
+            from lora_lightning import gate_triton
+
+            return gate_triton.silu_mul_backward(self.gate, self.up, grad)
         if self.how == "silu":
             return torch.ops.aten.silu_backward(grad * self.up, self.gate), grad * self.activated
         grad_up = grad * self.activated.detach()

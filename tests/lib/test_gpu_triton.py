@@ -1,5 +1,6 @@
-"""The Triton dropout kernels of lora_lightning.dropout_triton against PyTorch with the masks they draw, the mask's
-distribution, and the fused nodes on CUDA (run on the device machine; skipped where no GPU is present)."""
+"""The Triton kernels of the fused nodes against PyTorch: the dropout products of lora_lightning.dropout_triton with
+the masks they draw, the mask's distribution, the fused nodes' dropout on CUDA, and the SiLU gate of
+lora_lightning.gate_triton (run on the device machine; skipped where no GPU is present)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from lora_lightning.functional import LinearOperands, lora_gated_mlp, lora_share
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 kernels = pytest.importorskip("lora_lightning.dropout_triton", exc_type=ImportError)
+gate_kernels = pytest.importorskip("lora_lightning.gate_triton", exc_type=ImportError)
 
 
 def mask(n: int, k: int, seed: int, p: float) -> torch.Tensor:
@@ -126,3 +128,17 @@ def test_the_shared_input_node_on_cuda_gives_the_gradients_of_its_one_mask():
     want = torch.autograd.grad(want_q.square().sum() + want_k.sum(), factors)
     for g, w in zip(got, want, strict=True):
         assert (g - w).norm() <= 1e-4 * w.norm()
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_the_silu_gate_kernels_equal_pytorch_s_silu_times_up_and_its_gradients(dtype, tolerance):
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    gate, up, grad = (torch.randn(37, 1001, device="cuda", generator=generator) * 4 for _ in range(3))
+    leaf_gate, leaf_up = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    want = torch.nn.functional.silu(leaf_gate) * leaf_up
+    want_grads = torch.autograd.grad(want, [leaf_gate, leaf_up], grad)
+    strided = torch.stack([gate, gate], dim=-1).to(dtype)[..., 0]  # a strided input works too
+    got = gate_kernels.silu_mul(strided, up.to(dtype))
+    got_grads = gate_kernels.silu_mul_backward(strided, up.to(dtype), grad.to(dtype))
+    for g, w in zip([got, *got_grads], [want, *want_grads], strict=True):
+        assert g.dtype == dtype and (g.float() - w).norm() <= tolerance * w.norm()
