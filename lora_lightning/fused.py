@@ -13,6 +13,9 @@ fallback. The math of each path is in `functional`.
   `functional.lora_gated_mlp`, which recomputes ``act(gate) * up`` in backward instead of saving down's input and
   folds the adapters into the base GEMMs: from the MLP's first fused call on, its three frozen weights are views of
   a `functional.MLPBuffers` (the same values; `remove_fused_paths` gives each its own storage back).
+- **Norm inputs.** A fused node whose input is the latest output of a frozen leaf sibling of its module (a norm)
+  whose own autograd node keeps the sibling's input (Liger's RMSNorm does; see `InputProducers`) keeps that input
+  instead of its own and runs the sibling again in backward: the block keeps one activation where it kept two.
 
 A fused path gives way to the layers' own path for any call it does not cover (the checks of
 `LoRALinear.fused_operands`: torch.compile, autocast, DoRA, a quantized or sharded base, a merged or disabled
