@@ -242,9 +242,9 @@ class _LoRALinearFunction(torch.autograd.Function):
         g = _rows(grad_out)
         grad_b = _scaled_mm(g.t(), h, ctx.scaling) if needs_b else None
         gh = _scaled_mm(g, lora_b, ctx.scaling)
-        dropout = Replayed(ctx, "rng", _rows(x), ctx.dropout)
-        grad_a = dropout.grad_factor(gh) if needs_a else None
-        grad_x = dropout.add_input_grad_(torch.mm(g, weight), gh, lora_a).view(x.shape) if needs_x else None
+        replayed = Replayed(ctx, "rng", _rows(x), ctx.dropout)
+        grad_a = replayed.grad_factor(gh) if needs_a else None
+        grad_x = replayed.add_input_grad_(torch.mm(g, weight), gh, lora_a).view(x.shape) if needs_x else None
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
