@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import types
 import weakref
 from collections import Counter
 from collections.abc import Iterator
@@ -354,6 +353,10 @@ class InputProducers:
         for handle in self._handles:
             handle.remove()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the latest outputs: weak references, which do not pickle and only matter within a forward."""
+        return {**self.__dict__, "_latest": {}, "_latest_of": {}}
+
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling() or len(args) != 1 or not isinstance(output, torch.Tensor):
             return
@@ -434,8 +437,7 @@ class _GatedMLP:
         silu = _is_silu(act)
         self.elementwise = "liger" if kernels == "liger" and silu else "silu" if silu else "torch"
         self.previous = module.__dict__.get("forward")  # an instance patch (e.g. Liger's), put back on removal
-        # A bound method, so that a deepcopy of the module runs on the copy's own layers.
-        module.__dict__["forward"] = types.MethodType(_gated_mlp_forward, module)
+        module.__dict__["forward"] = _GatedMLPForward(module)
 
     def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if torch.compiler.is_compiling() or any(
@@ -468,8 +470,7 @@ class _GatedMLP:
                 if weight.data_ptr() == view.data_ptr():
                     weight.data = view.clone(memory_format=torch.contiguous_format)
             self.buffers = None
-        current = module.__dict__.get("forward")
-        if getattr(current, "__func__", None) is not _gated_mlp_forward:
+        if not isinstance(module.__dict__.get("forward"), _GatedMLPForward):
             return  # someone patched the forward after us; leave theirs
         if self.previous is None:
             del module.__dict__["forward"]
@@ -477,14 +478,23 @@ class _GatedMLP:
             module.__dict__["forward"] = self.previous
 
 
-def _gated_mlp_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    mlp = self.__dict__[_INSTALLED].mlp
-    out = None if args or kwargs else mlp.run(self, x)
-    if out is not None:
-        return out
-    if mlp.previous is not None:
-        return mlp.previous(x, *args, **kwargs)
-    return type(self).forward(self, x, *args, **kwargs)
+class _GatedMLPForward:
+    """A fused MLP module's forward: the fused node, else the forward it had. It holds its module (not a bound
+    method of a module-level function), so that a deepcopy runs on the copy's own layers and a pickled model
+    loads."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        mlp = module.__dict__[_INSTALLED].mlp
+        out = None if args or kwargs else mlp.run(module, x)
+        if out is not None:
+            return out
+        if mlp.previous is not None:
+            return mlp.previous(x, *args, **kwargs)
+        return type(module).forward(module, x, *args, **kwargs)
 
 
 def _gated_mlp(

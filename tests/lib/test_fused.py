@@ -4,6 +4,7 @@ gradients as the per-layer path, one info line for what was not fused, and clean
 from __future__ import annotations
 
 import copy
+import io
 import logging
 
 import pytest
@@ -175,6 +176,19 @@ def test_a_norm_output_or_input_changed_in_place_is_no_longer_produced_by_it():
     assert producers.of(x) is None
     producers.remove()
     assert producers.of(norm(hidden)) is None
+
+
+def test_a_model_whose_nodes_keep_norm_inputs_pickles_whole_and_trains_on():
+    model = keep_norm_inputs(adapted_llama())
+    install_fused_paths(model)
+    _, want = step_grads(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the producers' weak references are left out
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    _, got = step_grads(loaded)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
 
 
 def test_state_dict_and_adapter_keys_are_unchanged():
