@@ -19,8 +19,12 @@ fallback. The math of each path is in `functional`.
 
 A fused path gives way to the layers' own path for any call it does not cover (the checks of
 `LoRALinear.fused_operands`: torch.compile, autocast, DoRA, a quantized or sharded base, a merged or disabled
-adapter). Dropout draws one mask per shared input where PEFT draws one per adapter: each adapter's mask has
-PEFT's distribution, but the adapters of one input see the same mask in a step (they are correlated).
+adapter). Traced by torch.compile, a gated MLP runs its module's forward under selective checkpointing that recomputes
+elementwise results other than sums in backward, so it keeps ``G`` and ``U`` but not ``act(G) * U``: Inductor's
+partitioner keeps down's input otherwise, because the adapter's gradient multiplies it.
+
+Dropout draws one mask per shared input where PEFT draws one per adapter: each adapter's mask has PEFT's
+distribution, but the adapters of one input see the same mask in a step (they are correlated).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any, NamedTuple
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lora_lightning.functional import InputProducer, LinearOperands, MLPBuffers, lora_gated_mlp, lora_shared_input
 from lora_lightning.layers import LoRALinear
@@ -62,7 +67,8 @@ class FusionReport:
         return (
             f"LoRA fused paths: gated MLP node on {_summary(self.gated_mlps)}; shared-input node for the children "
             f"that get the same tensor (seen in the first forward) of {_summary(self.shared_input_parents)}. "
-            f"Not fused: {not_fused}. Under torch.compile and autocast every layer runs its modules"
+            f"Not fused: {not_fused}. Under torch.compile and autocast every layer runs its modules (a compiled "
+            "gated MLP recomputes act(gate) * up in backward)"
         )
 
 
@@ -489,12 +495,36 @@ class _GatedMLPForward:
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         module = self.module
         mlp = module.__dict__[_INSTALLED].mlp
-        out = None if args or kwargs else mlp.run(module, x)
-        if out is not None:
-            return out
-        if mlp.previous is not None:
-            return mlp.previous(x, *args, **kwargs)
-        return type(module).forward(module, x, *args, **kwargs)
+        if args or kwargs:
+            return self.fallback(x, *args, **kwargs)
+        if torch.compiler.is_compiling() and mlp.elementwise != "liger":
+            return checkpoint(self.fallback, x, use_reentrant=False, context_fn=_recomputing_elementwise)
+        out = mlp.run(module, x)
+        return self.fallback(x) if out is None else out
+
+    def fallback(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The forward the module had."""
+        previous = self.module.__dict__[_INSTALLED].mlp.previous
+        if previous is not None:
+            return previous(x, *args, **kwargs)
+        return type(self.module).forward(self.module, x, *args, **kwargs)
+
+
+def _recomputing_elementwise() -> tuple[Any, Any]:
+    """Selective checkpointing that recomputes elementwise results in backward, except sums and random draws, and
+    keeps the rest: traced by torch.compile, a gated MLP keeps ``G`` and ``U`` (GEMM outputs, or sums where an
+    adapter adds its update apart) but not ``act(G) * U``."""
+    return create_selective_checkpoint_contexts(_recompute_elementwise)
+
+
+_SUMS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+
+
+def _recompute_elementwise(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    tags = getattr(op, "tags", ())
+    if torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags and op not in _SUMS:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
 
 
 def _gated_mlp(

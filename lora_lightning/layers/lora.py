@@ -150,15 +150,18 @@ class LoRALayer(AdapterModule):
         if out is not None:
             return out
         out = self.base_layer(x, *args, **kwargs)
-        update = self._adapter_output(x, name).to(out.dtype)
         if not spec.use_dora:
-            # The base output is not saved for backward, so the update can be accumulated in place. It is scaled
-            # first: Inductor's addmm patterns drop add_'s alpha (silently wrong; pytorch#167313, #196577).
-            return out.add_(update * spec.scaling)
+            return self._add_update(out, x, name)
+        update = self._adapter_output(x, name).to(out.dtype)
         scale = (self.lora_magnitude_vector[name] / self._weight_norm(name).detach()).to(out.dtype)
         bias = getattr(self.base_layer, "bias", None)
         unbiased = out if bias is None else out - self._channel_view(bias)
         return out + (scale - 1) * unbiased + (scale * spec.scaling) * update
+
+    def _add_update(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``out + s * update``, accumulated into ``out``: the base output is not saved for backward. The update is
+        scaled first: Inductor's addmm patterns drop add_'s alpha (silently wrong; pytorch#167313, #196577)."""
+        return out.add_(self._adapter_output(x, name).to(out.dtype) * self.specs[name].scaling)
 
     def _weight_space_adapter(self) -> str | None:
         """The adapter that a weight-space layer (whose module runs with ``W + s B A``, so it cannot split a batch

@@ -515,6 +515,38 @@ def test_a_fused_decoder_block_compiles_fullgraph_on_the_module_path():
     torch.testing.assert_close(got, want)
 
 
+def compiled_step(model: nn.Module) -> tuple[list[torch.Size], list[torch.Tensor]]:
+    """The shapes a compiled forward saves for backward, and the adapter gradients of its backward."""
+    saved: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.shape)
+        return t
+
+    compiled = torch.compile(model)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = compiled(input_ids=TOKENS, labels=TOKENS).loss
+    loss.backward()
+    return saved, [p.grad for p in adapter_parameters(model)]
+
+
+@pytest.mark.slow
+def test_a_compiled_gated_mlp_keeps_gate_and_up_but_recomputes_their_product():
+    model = adapted_llama()
+    _, eager = step_grads(copy.deepcopy(model), steps=1)
+    module_path_saved, _ = compiled_step(copy.deepcopy(model))
+    install_fused_paths(model)
+    saved, grads = compiled_step(model)
+
+    def intermediate_wide(shapes: list[torch.Size]) -> int:
+        return sum(1 for s in shapes if s[-1:] == (64,) and s.numel() == TOKENS.numel() * 64)
+
+    assert intermediate_wide(module_path_saved) == 3 * 2  # G, U and act(G) * U (down's input) in each of 2 MLPs
+    assert intermediate_wide(saved) == 2 * 2
+    for got, want in zip(grads, eager[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_layer_added_as_a_lone_child_is_reported():
     model = nn.Sequential(nn.Linear(4, 4))
     inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))
