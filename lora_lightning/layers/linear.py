@@ -121,16 +121,19 @@ class LoRALinear(LoRALayer):
         base = self._modules["base_layer"]
         if spec is None or spec.use_dora or spec.lora_bias or type(base) is not nn.Linear:
             return None
+        a = self._modules["lora_A"][name]._parameters.get("weight")
+        b = self._modules["lora_B"][name]._parameters.get("weight")
+        if a is None or b is None or "weight" not in base._parameters or "bias" not in base._parameters:
+            return None  # held as plain attributes, not parameters: views of FSDP1's flat parameters
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         if (
-            weight.requires_grad
+            weight is None
+            or weight.requires_grad
             or (bias is not None and bias.requires_grad)
             or type(weight) not in (nn.Parameter, torch.Tensor)  # not a DTensor or another subclass
             or x.dtype != weight.dtype
         ):
             return None
-        a = self._modules["lora_A"][name]._parameters["weight"]
-        b = self._modules["lora_B"][name]._parameters["weight"]
         return LinearOperands(weight, bias, a, b, spec.scaling, spec.dropout if self.training else 0.0)
 
     def _add_update(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -442,6 +442,22 @@ def test_dora_and_gpt2_conv1d_layers_keep_their_own_path():
     assert set(install_fused_paths(gpt2).not_fused.values()) == {"Conv1D base"}
 
 
+@pytest.mark.parametrize("held", ["base", "factor"])
+def test_weights_held_as_plain_attributes_take_the_module_path(held):
+    """FSDP1 (flat parameters) gives each layer views of its weights as plain attributes, not parameters."""
+    model = adapted_llama()
+    reference = copy.deepcopy(model)
+    install_fused_paths(model)
+    layers = [model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.down_proj]
+    for layer in layers:
+        owner = layer.base_layer if held == "base" else layer.lora_B["default"]
+        weight = owner._parameters.pop("weight")
+        owner.weight = weight.detach().clone().requires_grad_(weight.requires_grad)
+        assert layer.fused_operands(TOKENS.float()) is None
+    for _ in range(2):
+        torch.testing.assert_close(model(input_ids=TOKENS).logits, reference(input_ids=TOKENS).logits)
+
+
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_evaluation_without_autograd_runs_the_fused_paths(mode):
     model = adapted_llama()
