@@ -157,22 +157,27 @@ class MLPBuffers:
     def write_factors(
         self, lora_b_g: torch.Tensor, lora_b_u: torch.Tensor, lora_a_d: torch.Tensor, scalings: Sequence[float]
     ) -> None:
-        """Write ``s_g B_g``, ``s_u B_u`` and ``A_d`` into their blocks (unless they hold them already: the same
-        tensors at the same in-place versions and scalings). Runs inside the nodes, where autograd records nothing."""
-        factors = (lora_b_g, lora_b_u, lora_a_d)
-        versions = (tuple(t._version for t in factors), tuple(scalings))
-        written = self._written
-        if (
-            written is not None
-            and all(a is b for a, b in zip(written[0], factors, strict=True))
-            and written[1] == versions
-        ):
-            return
+        """Write ``s_g B_g``, ``s_u B_u`` and ``A_d`` into their blocks. Runs inside the nodes, where autograd records
+        nothing. A forward always writes: an optimizer step changes the factors in place, and a fused one (such as
+        ``AdamW(fused=True)``) leaves their in-place version counters as they were."""
         width = self.gate.shape[1] - self.ranks[0]
         torch.mul(lora_b_g, scalings[0], out=self.gate[:, width:])
         torch.mul(lora_b_u, scalings[1], out=self.up[:, width + self.ranks[0] :])
         self.down[self.down.shape[0] - self.ranks[2] :].copy_(lora_a_d)
-        self._written = (factors, versions)
+        self._written = ((lora_b_g, lora_b_u, lora_a_d), tuple(scalings))
+
+    def hold_factors(
+        self, lora_b_g: torch.Tensor, lora_b_u: torch.Tensor, lora_a_d: torch.Tensor, scalings: Sequence[float]
+    ) -> None:
+        """Make the blocks hold these factors for a backward: written again only if the last write was of other
+        tensors (another adapter's forward ran in between)."""
+        written = self._written
+        if (
+            written is None
+            or written[1] != tuple(scalings)
+            or any(a is not b for a, b in zip(written[0], (lora_b_g, lora_b_u, lora_a_d), strict=True))
+        ):
+            self.write_factors(lora_b_g, lora_b_u, lora_a_d, scalings)
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -454,7 +459,7 @@ class _GatedMLPFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         kept, h_gu, gate, up, h_d, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d = ctx.saved_tensors
         buffers, (s_g, s_u, s_d), (p_gu, p_d) = ctx.buffers, ctx.scalings, ctx.dropouts
-        buffers.write_factors(lora_b_g, lora_b_u, a_d, ctx.scalings)  # another forward may have run since
+        buffers.hold_factors(lora_b_g, lora_b_u, a_d, ctx.scalings)  # another forward may have written others
         needs = ctx.needs_input_grad
         g = _rows(grad_out)
         out_d = g.shape[1]

@@ -272,15 +272,21 @@ def test_an_mlp_folds_anew_for_another_rank_or_a_replaced_weight():
     torch.testing.assert_close(step_grads(model)[1], step_grads(reference)[1], rtol=1e-5, atol=1e-6)
 
 
-def test_factors_changed_in_place_reach_the_next_forward():
-    """An optimizer step changes A and B in place: the next forward writes them into the MLP's buffers again."""
+@pytest.mark.parametrize("update", ["sub_", "fused AdamW"])
+def test_factors_changed_in_place_reach_the_next_forward(update):
+    """An optimizer step changes A and B in place: the next forward writes them into the MLP's buffers again.
+    A fused AdamW step leaves the tensors' in-place version counters as they were."""
     model, reference = adapted_llama(), adapted_llama()
     install_fused_paths(model)
+    optimizers = [torch.optim.AdamW(adapter_parameters(m), lr=0.05, fused=True) for m in (model, reference)]
     for _ in range(2):
         step_grads(model, steps=1)
         step_grads(reference, steps=1)
-        with torch.no_grad():
-            for m in (model, reference):
+        for m, optimizer in zip((model, reference), optimizers, strict=True):
+            if update == "fused AdamW":
+                optimizer.step()
+                continue
+            with torch.no_grad():
                 for param in adapter_parameters(m):
                     param.sub_(0.5 * param.grad)
         torch.testing.assert_close(step_grads(model)[1], step_grads(reference)[1], rtol=1e-5, atol=1e-6)
