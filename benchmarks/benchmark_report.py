@@ -110,14 +110,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "| config | trainable params | step ms | x floor | tokens/s | peak mem | mem x floor | 1st step s "
-        "| adapter file | adapters + AdamW raw |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| adapter file | adapters + AdamW raw | last loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         if not r["ok"]:
             last_line = str(r["error"]).strip().splitlines()[-1] if str(r["error"]).strip() else ""
             error = " ".join(last_line.split())[:160].replace("|", "/")
-            lines.append(f"| {r['name']} | failed: {error} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['name']} | failed: {error} |  |  |  |  |  |  |  |  |  |")
             continue
         cells = [
             r["name"],
@@ -130,6 +130,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{r['first_step_s']:.2f}" if r["first_step_s"] < 10 else f"{r['first_step_s']:.1f}",
             _bytes(r["adapter_file_bytes"]),
             _bytes(r["trainable_plus_optimizer_bytes"]) if r["trainable_params"] else "-",
+            # Rows that train the same adapters end close together: a path that trains wrongly shows here.
+            "-" if r.get("loss_last") is None else f"{r['loss_last']:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
