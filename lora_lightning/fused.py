@@ -497,7 +497,7 @@ class _GatedMLPForward:
         mlp = module.__dict__[_INSTALLED].mlp
         if args or kwargs:
             return self.fallback(x, *args, **kwargs)
-        if torch.compiler.is_compiling() and mlp.elementwise != "liger":
+        if torch.compiler.is_compiling() and torch.is_grad_enabled() and mlp.elementwise != "liger":
             return checkpoint(self.fallback, x, use_reentrant=False, context_fn=_recomputing_elementwise)
         out = mlp.run(module, x)
         return self.fallback(x) if out is None else out
@@ -521,6 +521,10 @@ _SUMS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 
 
 def _recompute_elementwise(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    if not torch.compiler.is_compiling():
+        # The region runs eagerly (a graph break inside it, an eager backend): there the adapters' in-place updates
+        # would change outputs that the policy keeps, so the region is plainly checkpointed instead.
+        return CheckpointPolicy.PREFER_RECOMPUTE
     tags = getattr(op, "tags", ())
     if torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags and op not in _SUMS:
         return CheckpointPolicy.PREFER_RECOMPUTE

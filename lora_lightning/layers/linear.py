@@ -139,9 +139,14 @@ class LoRALinear(LoRALayer):
     def _add_update(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """``out += (s h) B^T`` with ``h = d(x) A^T``, one GEMM that adds as it writes: no update the width of
         ``out`` is written, scaled or read again, in forward or in backward (where the scale falls on ``gh``).
-        Adapters in another dtype than ``out``, or with a ``lora_bias``, take the generic path."""
+        Adapters in another dtype than ``out``, with a ``lora_bias``, or a base whose output is not contiguous take
+        the generic path."""
         lora_a, lora_b = self._modules["lora_A"][name], self._modules["lora_B"][name]
-        if lora_b.bias is not None or not x.dtype == out.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
+        if (
+            lora_b.bias is not None
+            or not x.dtype == out.dtype == lora_a.weight.dtype == lora_b.weight.dtype
+            or not out.is_contiguous()
+        ):
             return super()._add_update(out, x, name)
         h = lora_a(self._modules["lora_dropout"][name](x)) * self.specs[name].scaling
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), lora_b.weight.t())

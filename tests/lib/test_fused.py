@@ -569,6 +569,25 @@ def test_a_compiled_gated_mlp_keeps_gate_and_up_but_recomputes_their_product():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["eager backend", "graph break in the MLP"])
+def test_a_compiled_gated_mlp_that_runs_eagerly_gives_the_eager_gradients(how):
+    """Where the MLP's checkpointed region runs eagerly, the adapters' in-place updates must not trip it."""
+    model = adapted_llama()
+    _, eager = step_grads(copy.deepcopy(model), steps=1)
+    install_fused_paths(model)
+    backend = "inductor"
+    if how == "eager backend":
+        backend = "eager"
+    else:
+        for layer in model.model.layers:
+            layer.mlp.up_proj.base_layer.register_forward_hook(lambda *_: torch._dynamo.graph_break())
+    loss = torch.compile(model, backend=backend)(input_ids=TOKENS, labels=TOKENS).loss
+    loss.backward()
+    for got, want in zip((p.grad for p in adapter_parameters(model)), eager[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_layer_added_as_a_lone_child_is_reported():
     model = nn.Sequential(nn.Linear(4, 4))
     inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))

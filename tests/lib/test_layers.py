@@ -36,6 +36,23 @@ def test_forward_is_base_plus_scaled_low_rank_update():
     torch.testing.assert_close(layer(x), expected)
 
 
+class ColumnMajorLinear(nn.Linear):
+    """A linear layer whose output has its first two dimensions stored swapped (not contiguous)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias).transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def test_a_base_with_a_non_contiguous_output_gets_the_update_too():
+    torch.manual_seed(0)
+    layer = LoRALinear(ColumnMajorLinear(12, 20), AdapterSpec(r=4, alpha=8))
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 7, 12)
+    expected = x @ layer.base_layer.weight.T + layer.base_layer.bias
+    expected = expected + 2.0 * (x @ layer.lora_A["default"].weight.T @ layer.lora_B["default"].weight.T)
+    torch.testing.assert_close(layer(x), expected)
+
+
 def test_rslora_scaling():
     assert make_layer(r=9, alpha=6, use_rslora=True).scaling == pytest.approx(2.0)
 
