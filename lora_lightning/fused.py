@@ -520,8 +520,18 @@ def _recomputing_elementwise() -> tuple[Any, Any]:
 _SUMS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 
 
+def _traced(op: Any, args: Any, kwargs: Any) -> bool:
+    """Whether checkpointing traces ``op`` into a graph (where a policy only tags nodes) rather than running it
+    (where it keeps outputs and fails if they change in place): the test checkpointing itself uses, or the one it
+    is made of (a proxy dispatch mode is tracing) where a release lacks it."""
+    is_compiling = getattr(torch.utils.checkpoint, "_is_compiling", None)
+    if is_compiling is not None:
+        return bool(is_compiling(op, args, kwargs))
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+
+
 def _recompute_elementwise(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    if not torch.compiler.is_compiling():
+    if not _traced(op, args, kwargs):
         # The region runs eagerly (a graph break inside it, an eager backend): there the adapters' in-place updates
         # would change outputs that the policy keeps, so the region is plainly checkpointed instead.
         return CheckpointPolicy.PREFER_RECOMPUTE
