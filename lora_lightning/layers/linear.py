@@ -127,8 +127,7 @@ class LoRALinear(LoRALayer):
             return None  # held as plain attributes, not parameters: views of FSDP1's flat parameters
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         if (
-            weight is None
-            or weight.requires_grad
+            weight.requires_grad
             or (bias is not None and bias.requires_grad)
             or type(weight) not in (nn.Parameter, torch.Tensor)  # not a DTensor or another subclass
             or x.dtype != weight.dtype
