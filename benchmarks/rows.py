@@ -185,7 +185,7 @@ def attach(row: RowSpec, model: nn.Module, settings: Settings) -> tuple[nn.Modul
         )
         inject_lora(model, config)
         if row.impl == "ours":
-            install_fused_paths(model, row.kernels)
+            install_fused_paths(model)
         return model, lambda folder: save_adapter(model, folder) / "adapter_model.safetensors"
 
     from peft import LoraConfig, get_peft_model

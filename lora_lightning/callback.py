@@ -170,7 +170,7 @@ class LoRAFinetuneCallback(Callback):
         # one line: the injection report (which already counts the parameters), or the counts where none was made
         rank_zero_info(f"LoRAFinetuneCallback: {report if report is not None else param_summary(pl_module)}")
         make_checkpoints_adapter_only(pl_module, self.config)
-        install_fused_paths(pl_module, self.kernels)
+        install_fused_paths(pl_module)
 
     def _prepare_after(self, original: Callable[[], None]) -> Callable[[], None]:
         def configure_model() -> None:

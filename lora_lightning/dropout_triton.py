@@ -23,7 +23,7 @@ def threshold(p: float) -> int:
 
 
 @triton.jit
-def _keep(seed, rows, col8, n_col8, thresh, BM: tl.constexpr, BK: tl.constexpr):
+def keep_mask(seed, rows, col8, n_col8, thresh, BM: tl.constexpr, BK: tl.constexpr):
     """The ``[BM, BK]`` keep mask of ``rows`` and the ``BK`` columns from ``8 * col8`` on."""
     counters = rows[:, None].to(tl.int64) * n_col8 + (col8 + tl.arange(0, BK // 8))[None, :].to(tl.int64)
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
@@ -45,7 +45,7 @@ def _dropped_linear(
     for k0 in range(0, k, BK):
         cols = k0 + tl.arange(0, BK)
         tile = tl.load(x + rows[:, None] * sxn + cols[None, :] * sxk, (rows[:, None] < n) & (cols[None, :] < k), 0.0)
-        tile = tl.where(_keep(seed, rows, k0 // 8, n_col8, thresh, BM, BK), tile, 0.0).to(a.dtype.element_ty)
+        tile = tl.where(keep_mask(seed, rows, k0 // 8, n_col8, thresh, BM, BK), tile, 0.0).to(a.dtype.element_ty)
         factor = tl.load(
             a + ranks[None, :] * sar + cols[:, None] * sak, (ranks[None, :] < r) & (cols[:, None] < k), 0.0
         )
@@ -69,7 +69,7 @@ def _grad_factor(
     for m0 in range(first, tl.minimum(first + rows_per_split, n), BM):
         rows = m0 + tl.arange(0, BM)
         tile = tl.load(x + rows[:, None] * sxn + cols[None, :] * sxk, (rows[:, None] < n) & (cols[None, :] < k), 0.0)
-        tile = tl.where(_keep(seed, rows, tl.program_id(0) * (BK // 8), n_col8, thresh, BM, BK), tile, 0.0)
+        tile = tl.where(keep_mask(seed, rows, tl.program_id(0) * (BK // 8), n_col8, thresh, BM, BK), tile, 0.0)
         grads = tl.load(
             gh + rows[:, None] * sgn + ranks[None, :] * sgr, (rows[:, None] < n) & (ranks[None, :] < r), 0.0
         )
@@ -90,7 +90,7 @@ def _add_dropped_grad(
     grads = tl.load(gh + rows[:, None] * sghn + ranks[None, :] * sghr, (rows[:, None] < n) & (ranks[None, :] < r), 0.0)
     factor = tl.load(a + ranks[:, None] * sar + cols[None, :] * sak, (ranks[:, None] < r) & (cols[None, :] < k), 0.0)
     update = tl.dot(grads, factor, input_precision=PRECISION) * scale
-    keep = _keep(seed, rows, tl.program_id(1) * (BK // 8), tl.cdiv(k, 8), thresh, BM, BK)
+    keep = keep_mask(seed, rows, tl.program_id(1) * (BK // 8), tl.cdiv(k, 8), thresh, BM, BK)
     mask = (rows[:, None] < n) & (cols[None, :] < k)
     pointers = gx + rows[:, None] * sgxn + cols[None, :] * sgxk
     total = tl.load(pointers, mask, 0.0).to(tl.float32) + tl.where(keep, update, 0.0)

@@ -24,7 +24,9 @@ gives ``G`` and ``U``; ``P = act(G) * U``; ``P [W_d; A_d]^T = [P W_d^T | h_d]`` 
 ``gB_d = s_d g^T h_d``, ``gh_d = s_d g B_d``, ``gA_d = gh_d^T d(P)``, ``gP = [g | gh_d] [W_d; A_d]`` (``g W_d +
 d'(gh_d A_d)`` with dropout), ``gU = gP * act(G)``, ``gG = act'(G) * gP * U``, ``gB_g = s_g gG^T h_g`` (and up's),
 ``[gx | gh_g | gh_u] = gG [W_g | s_g B_g] + gU [W_u | 0 | s_u B_u]``, ``[gA_g; gA_u] = [gh_g | gh_u]^T d(x)`` and
-``gx += d'([gh_g | gh_u] [A_g; A_u])``.
+``gx += d'([gh_g | gh_u] [A_g; A_u])``. On CUDA a SiLU gate's ``gG``, ``gU``, ``gA_d``, ``gB_g`` and ``gB_u`` come
+from one pass over ``G``, ``U`` and ``gP`` that recomputes ``P`` tile by tile (`gate_triton`): ``P`` is never
+written again.
 
 Given an `InputProducer` (``x = fn(source)``, where the producer's own node keeps ``source``, as a norm kernel that
 saves its input does), the shared-input and gated MLP nodes save ``source`` instead of ``x`` and recompute ``x``
@@ -36,6 +38,7 @@ as they multiply).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -47,9 +50,9 @@ from lora_lightning.dropout import Replayed, dropped_linear
 from lora_lightning.triton_support import triton_applies
 
 # How `lora_gated_mlp` computes ``act(G) * U`` and its gradients: "torch" (any activation module, its gradient
-# through autograd), "silu" (a SiLU activation: on CUDA the fused kernels of `gate_triton`, elsewhere PyTorch's SiLU
-# kernels called directly) or "liger" (Liger-Kernel's fused SiLU-and-multiply kernels, for a SiLU activation on CUDA).
-GATES = ("torch", "silu", "liger")
+# through autograd) or "silu" (a SiLU activation: on CUDA the fused kernels of `gate_triton`, elsewhere PyTorch's SiLU
+# kernels called directly).
+GATES = ("torch", "silu")
 
 
 class LinearOperands(NamedTuple):
@@ -126,11 +129,13 @@ class MLPBuffers:
     product with ``P`` is ``[P W_d^T | P A_d^T]``. A forward writes the factor blocks; its backward writes them
     again only if another forward wrote others in between."""
 
-    __slots__ = ("_layout", "_written", "down", "gate", "ranks", "up")
+    __slots__ = ("_blocks", "_layout", "_written", "down", "gate", "ranks", "up")
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks: tuple[int, int, int]):
         self.gate, self.up, self.down, self.ranks = gate, up, down, ranks
         self._layout = tuple(_layout(view) for view in self.weights())
+        width = gate.shape[1] - ranks[0]
+        self._blocks = (gate[:, width:], up[:, width + ranks[0] :], down[down.shape[0] - ranks[2] :])  # the factors'
         self._written: tuple | None = None  # what `write_factors` last wrote
 
     @classmethod
@@ -160,10 +165,10 @@ class MLPBuffers:
         """Write ``s_g B_g``, ``s_u B_u`` and ``A_d`` into their blocks. Runs inside the nodes, where autograd records
         nothing. A forward always writes: an optimizer step changes the factors in place, and a fused one (such as
         ``AdamW(fused=True)``) leaves their in-place version counters as they were."""
-        width = self.gate.shape[1] - self.ranks[0]
-        torch.mul(lora_b_g, scalings[0], out=self.gate[:, width:])
-        torch.mul(lora_b_u, scalings[1], out=self.up[:, width + self.ranks[0] :])
-        self.down[self.down.shape[0] - self.ranks[2] :].copy_(lora_a_d)
+        block_g, block_u, block_d = self._blocks
+        torch.mul(lora_b_g, scalings[0], out=block_g)
+        torch.mul(lora_b_u, scalings[1], out=block_u)
+        block_d.copy_(lora_a_d)
         self._written = ((lora_b_g, lora_b_u, lora_a_d), tuple(scalings))
 
     def hold_factors(
@@ -210,7 +215,14 @@ def _restored_input(ctx: Any, kept: torch.Tensor) -> torch.Tensor:
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``scaling * (a @ b)`` as one GEMM that applies the scale as it writes (``beta=0``: the input is ignored)."""
-    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+    return torch.addmm(_ignored(a.device, a.dtype), a, b, beta=0, alpha=scaling)
+
+
+@functools.cache
+def _ignored(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A scalar for the input slot of `torch.addmm` with ``beta=0``, which is never read: one per device and dtype
+    rather than an allocation per call."""
+    return torch.empty((), device=device, dtype=dtype)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -369,10 +381,6 @@ class _SharedInputFunction(torch.autograd.Function):
 
 def _gate(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, how: str) -> torch.Tensor:
     """``act(G) * U``."""
-    if how == "liger":
-        from liger_kernel.ops.swiglu import swiglu_forward
-
-        return swiglu_forward(gate, up)[2]
     if how == "silu" and triton_applies(gate):
         from lora_lightning import gate_triton
 
@@ -384,35 +392,61 @@ class _GateRecomputed:
     """``act(G) * U`` recomputed in backward, with what its gradient needs (``act`` runs once)."""
 
     def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, how: str):
-        self.act, self.gate, self.up = act, gate, up
-        self.how = "triton" if how == "silu" and triton_applies(gate) else how
-        if self.how in ("liger", "triton"):  # fused kernels: the product now, the gradients from G and U later
-            self.product = _gate(act, gate, up, how)
-            return
-        if how == "silu":
+        self.gate, self.up, self.silu = gate, up, how != "torch"
+        if self.silu:
             self.activated = F.silu(gate)
-            self.product = self.activated * up
-            return
-        with torch.enable_grad():
-            self.leaf = gate.detach().requires_grad_(True)
-            self.activated = act(self.leaf)
+        else:
+            with torch.enable_grad():
+                self.leaf = gate.detach().requires_grad_(True)
+                self.activated = act(self.leaf)
         self.product = self.activated.detach() * up
 
     def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gG, gU)`` given the gradient of the product. Liger's kernel writes them over ``G`` and ``U``."""
-        if self.how == "liger":
-            from liger_kernel.ops.swiglu import swiglu_backward
-
-            return swiglu_backward(self.gate, self.up, grad)
-        if self.how == "triton":
-            from lora_lightning import gate_triton
-
-            return gate_triton.silu_mul_backward(self.gate, self.up, grad)
-        if self.how == "silu":
-            return torch.ops.aten.silu_backward(grad * self.up, self.gate), grad * self.activated
+        """``(gG, gU)`` given the gradient of the product."""
         grad_up = grad * self.activated.detach()
+        if self.silu:
+            return torch.ops.aten.silu_backward(grad * self.up, self.gate), grad_up
         (grad_gate,) = torch.autograd.grad(self.activated, self.leaf, grad * self.up)
         return grad_gate, grad_up
+
+
+def _gate_backward(
+    ctx: Any,
+    g: torch.Tensor,
+    gh_d: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    h_gu: torch.Tensor,
+    a_d: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """``(gG, gU, gA_d, gB_g, gB_u)`` of a gated MLP node from down's output gradient ``g`` and ``gh_d``: on CUDA for a
+    SiLU gate, one `gate_triton` pass that recomputes ``P`` on the fly; elsewhere ``P`` is recomputed, then read by
+    ``gA_d``'s GEMM."""
+    buffers, (s_g, s_u, _), (_, p_d) = ctx.buffers, ctx.scalings, ctx.dropouts
+    out_d, rank_g = g.shape[1], ctx.rank_g
+    if ctx.elementwise != "torch" and triton_applies(gate):
+        from lora_lightning import dropout_triton, gate_triton
+
+        if p_d:
+            grad_product = torch.mm(g, buffers.down[:out_d])
+            dropout_triton.add_dropped_grad_(grad_product, gh_d, a_d, ctx.rng_p, p_d)
+        else:  # gP = [g | gh_d] [W_d; A_d]
+            grad_product = torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
+        seed = ctx.rng_p if p_d else 0
+        return gate_triton.silu_mul_backward_factors(gate, up, grad_product, gh_d, h_gu, rank_g, (s_g, s_u), seed, p_d)
+    gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
+    dropped_product = Replayed(ctx, "rng_p", gated.product, p_d)
+    if p_d:
+        grad_product = dropped_product.add_input_grad_(torch.mm(g, buffers.down[:out_d]), gh_d, a_d)
+    else:
+        grad_product = torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
+    grad_a_d = dropped_product.grad_factor(gh_d)
+    del dropped_product, gated.product
+    grad_gate, grad_up = gated.backward(grad_product)
+    del grad_product, gated
+    grad_b_g = _scaled_mm(grad_gate.t(), h_gu[:, :rank_g], s_g)
+    grad_b_u = _scaled_mm(grad_up.t(), h_gu[:, rank_g:], s_u)
+    return grad_gate, grad_up, grad_a_d, grad_b_g, grad_b_u
 
 
 class _GatedMLPFunction(torch.autograd.Function):
@@ -458,26 +492,15 @@ class _GatedMLPFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         kept, h_gu, gate, up, h_d, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d = ctx.saved_tensors
-        buffers, (s_g, s_u, s_d), (p_gu, p_d) = ctx.buffers, ctx.scalings, ctx.dropouts
+        buffers, s_d, p_gu = ctx.buffers, ctx.scalings[2], ctx.dropouts[0]
         buffers.hold_factors(lora_b_g, lora_b_u, a_d, ctx.scalings)  # another forward may have written others
         needs = ctx.needs_input_grad
         g = _rows(grad_out)
-        out_d = g.shape[1]
         grad_b_d = _scaled_mm(g.t(), h_d, s_d) if needs[15] else None
-        gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
         gh_d = _scaled_mm(g, lora_b_d, s_d)
-        dropped_product = Replayed(ctx, "rng_p", gated.product, p_d)
-        if p_d:
-            grad_product = dropped_product.add_input_grad_(torch.mm(g, buffers.down[:out_d]), gh_d, a_d)
-        else:  # gP = [g | gh_d] [W_d; A_d]
-            grad_product = torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
-        grad_a_d = dropped_product.grad_factor(gh_d) if needs[14] else None
-        del dropped_product, gated.product, gh_d
-        grad_gate, grad_up = gated.backward(grad_product)
-        del grad_product, gated
+        grad_gate, grad_up, grad_a_d, grad_b_g, grad_b_u = _gate_backward(ctx, g, gh_d, gate, up, h_gu, a_d)
+        del gh_d
         rank_g = ctx.rank_g
-        grad_b_g = _scaled_mm(grad_gate.t(), h_gu[:, :rank_g], s_g) if needs[9] else None
-        grad_b_u = _scaled_mm(grad_up.t(), h_gu[:, rank_g:], s_u) if needs[12] else None
         # [gx | gh_g | gh_u] = gU [W_u | 0 | s_u B_u] + gG [W_g | s_g B_g] (onto the first width + r_g columns)
         grad_cat = torch.mm(grad_up, buffers.up)
         width = grad_cat.shape[1] - h_gu.shape[1]
@@ -492,5 +515,6 @@ class _GatedMLPFunction(torch.autograd.Function):
         if needs[0]:
             grad_x = replayed.add_input_grad_(grad_cat[:, :width], gh, a_gu)
             grad_x = grad_x.view(*grad_out.shape[:-1], width)
-        per_layer = (None, grad_a_g if needs[8] else None, grad_b_g, None, grad_a_u if needs[11] else None, grad_b_u)
-        return (grad_x, None, None, None, None, None, None, *per_layer, None, grad_a_d, grad_b_d)
+        per_layer = (None, grad_a_g if needs[8] else None, grad_b_g if needs[9] else None, None)
+        per_layer += (grad_a_u if needs[11] else None, grad_b_u if needs[12] else None)
+        return (grad_x, None, None, None, None, None, None, *per_layer, None, grad_a_d if needs[14] else None, grad_b_d)

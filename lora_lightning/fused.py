@@ -72,13 +72,10 @@ class FusionReport:
         )
 
 
-def install_fused_paths(model: nn.Module, kernels: str = "none") -> FusionReport:
+def install_fused_paths(model: nn.Module) -> FusionReport:
     """Install the fused paths on ``model``'s adapted layers where their structure fits (a second call starts
-    over), log one info line of what was and was not fused and return it. ``kernels="liger"`` runs a gated MLP's
-    ``act(gate) * up`` through Liger-Kernel's fused SiLU kernels (SiLU activations on CUDA)."""
-    from lora_lightning.kernels import check_kernels  # kernels imports this module
-
-    check_kernels(kernels)
+    over), log one info line of what was and was not fused and return it. A gated MLP node computes a SiLU gate
+    with its own Triton kernels on CUDA (`gate_triton`), whether or not Liger-Kernel patched the module."""
     remove_fused_paths(model)
     gated, parents, not_fused, groups, consumers = [], [], {}, [], []
     producers = _install(model).producers = InputProducers()
@@ -90,7 +87,7 @@ def install_fused_paths(model: nn.Module, kernels: str = "none") -> FusionReport
         if isinstance(mlp, str):
             not_fused[canonical_name(name)] = mlp
         elif mlp is not None:
-            _install(module).mlp = _GatedMLP(module, *mlp, kernels, producers)
+            _install(module).mlp = _GatedMLP(module, *mlp, producers)
             gated.append(canonical_name(name))
             consumers.append(name)
             continue
@@ -435,13 +432,11 @@ class _GatedMLP:
         roles: tuple[str, str, str],
         layers: tuple[LoRALinear, LoRALinear, LoRALinear],
         act: nn.Module,
-        kernels: str,
         producers: InputProducers,
     ) -> None:
         self.roles, self.layers, self.act, self.producers = roles, layers, act, producers
         self.buffers: MLPBuffers | None = None  # the layers' weights live here once the node has run
-        silu = _is_silu(act)
-        self.elementwise = "liger" if kernels == "liger" and silu else "silu" if silu else "torch"
+        self.elementwise = "silu" if _is_silu(act) else "torch"
         self.previous = module.__dict__.get("forward")  # an instance patch (e.g. Liger's), put back on removal
         module.__dict__["forward"] = _GatedMLPForward(module)
 
@@ -453,9 +448,8 @@ class _GatedMLP:
         operands = [layer.fused_operands(x) for layer in self.layers]
         if any(o is None for o in operands) or operands[0].dropout != operands[1].dropout:
             return None
-        elementwise = "silu" if self.elementwise == "liger" and x.device.type != "cuda" else self.elementwise
         buffers = self._folded(operands)
-        return lora_gated_mlp(x, self.act, *operands, elementwise, buffers, self.producers.of(x))
+        return lora_gated_mlp(x, self.act, *operands, self.elementwise, buffers, self.producers.of(x))
 
     def _folded(self, operands: list[LinearOperands]) -> MLPBuffers:
         """The buffers the layers' weights are views of, folded anew where they are not (the first run, another
@@ -497,7 +491,7 @@ class _GatedMLPForward:
         mlp = module.__dict__[_INSTALLED].mlp
         if args or kwargs:
             return self.fallback(x, *args, **kwargs)
-        if torch.compiler.is_compiling() and torch.is_grad_enabled() and mlp.elementwise != "liger":
+        if torch.compiler.is_compiling() and torch.is_grad_enabled() and mlp.previous is None:
             return checkpoint(self.fallback, x, use_reentrant=False, context_fn=_recomputing_elementwise)
         out = mlp.run(module, x)
         return self.fallback(x) if out is None else out

@@ -1,8 +1,11 @@
-"""Triton kernels for a SiLU gate ``P = silu(G) * U`` (`functional.lora_gated_mlp` on CUDA): one pass each way,
-in fp32 inside, where PyTorch's eager ops take two passes forward (``silu``, then ``*``) and three back.
+"""Triton kernels for a SiLU gate ``P = silu(G) * U`` (`functional.lora_gated_mlp` on CUDA), in fp32 inside.
 
-Backward: ``gU = gP * silu(G)`` and ``gG = gP * U * silu'(G)``, with ``silu'(a) = s (1 + a (1 - s))``,
-``s = sigmoid(a)``.
+Forward is one pass where PyTorch's eager ops take two (``silu``, then ``*``). Backward, ``gU = gP * silu(G)`` and
+``gG = gP * U * silu'(G)`` with ``silu'(a) = s (1 + a (1 - s))``, ``s = sigmoid(a)``, is one pass that also gives
+the three adapter gradients that read an intermediate-wide tensor: ``gA_d = gh_d^T d(P)`` (``P`` recomputed from
+the tiles of ``G`` and ``U`` it reads anyway, the dropout mask drawn as `dropout_triton` draws it), ``gB_g = s_g gG^T
+h_g`` and ``gB_u = s_u gU^T h_u``. Unfused, those take a pass to recompute ``P`` and three rank-``r`` GEMMs that
+read ``P``, ``gG`` and ``gU`` again: about 2.2x the memory traffic.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_lightning.dropout_triton import keep_mask, threshold
+
 BLOCK = 2048
+BLOCK_ROWS = 64
 
 
 @triton.jit
@@ -35,6 +41,54 @@ def _silu_mul_backward(gate, up, grad, grad_gate, grad_up, n, BLOCK: tl.constexp
     tl.store(grad_gate + offsets, (d * b * s * (1.0 + a * (1.0 - s))).to(grad_gate.dtype.element_ty), mask)
 
 
+@triton.jit
+def _silu_mul_backward_factors(
+    gate, up, grad, grad_gate, grad_up, gh_d, h_gu, partial, n, k, r_d, r_g, r_u, rows_per_split,
+    seed, thresh, drop_scale, s_g, s_u,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """gG and gU on this program's ``BN`` columns over one split of the rows, and the split's share of ``gA_d``
+    (``[r_d, k]``), ``gB_g`` (``[k, r_g]``) and ``gB_u`` (``[k, r_u]``), in fp32 at ``partial[split]``."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    split = tl.program_id(1)
+    ranks = tl.arange(0, BR)
+    r_gu = r_g + r_u
+    acc_d = tl.zeros((BR, BN), dtype=tl.float32)
+    acc_g = tl.zeros((BN, BR), dtype=tl.float32)
+    acc_u = tl.zeros((BN, BR), dtype=tl.float32)
+    first = split.to(tl.int64) * rows_per_split
+    for m0 in range(0, rows_per_split, BM):  # the last split runs past n: masked
+        rows = first + m0 + tl.arange(0, BM)
+        inside = (rows[:, None] < n) & (cols[None, :] < k)
+        offsets = rows[:, None] * k + cols[None, :]
+        a = tl.load(gate + offsets, inside, 0.0).to(tl.float32)
+        b = tl.load(up + offsets, inside, 0.0).to(tl.float32)
+        d = tl.load(grad + offsets, inside, 0.0).to(tl.float32)
+        s = tl.sigmoid(a)
+        activated = a * s
+        g_up = (d * activated).to(grad_up.dtype.element_ty)
+        g_gate = (d * b * s * (1.0 + a * (1.0 - s))).to(grad_gate.dtype.element_ty)
+        tl.store(grad_up + offsets, g_up, inside)
+        tl.store(grad_gate + offsets, g_gate, inside)
+        product = (activated * b).to(gh_d.dtype.element_ty)
+        if DROPOUT:
+            keep = keep_mask(seed, rows, tl.program_id(0) * (BN // 8), tl.cdiv(k, 8), thresh, BM, BN)
+            product = tl.where(keep, product, 0.0)
+        row_ranks = rows[:, None] < n
+        factor_d = tl.load(gh_d + rows[:, None] * r_d + ranks[None, :], row_ranks & (ranks[None, :] < r_d), 0.0)
+        acc_d = tl.dot(tl.trans(factor_d), product, acc_d, input_precision=PRECISION)
+        h_g = tl.load(h_gu + rows[:, None] * r_gu + ranks[None, :], row_ranks & (ranks[None, :] < r_g), 0.0)
+        acc_g = tl.dot(tl.trans(g_gate.to(h_g.dtype)), h_g, acc_g, input_precision=PRECISION)
+        h_u = tl.load(h_gu + rows[:, None] * r_gu + r_g + ranks[None, :], row_ranks & (ranks[None, :] < r_u), 0.0)
+        acc_u = tl.dot(tl.trans(g_up.to(h_u.dtype)), h_u, acc_u, input_precision=PRECISION)
+    out = partial + split.to(tl.int64) * (r_d + r_g + r_u) * k
+    tl.store(out + ranks[:, None] * k + cols[None, :], acc_d * drop_scale, (ranks[:, None] < r_d) & (cols[None, :] < k))
+    out += r_d * k
+    tl.store(out + cols[:, None] * r_g + ranks[None, :], acc_g * s_g, (cols[:, None] < k) & (ranks[None, :] < r_g))
+    out += r_g * k
+    tl.store(out + cols[:, None] * r_u + ranks[None, :], acc_u * s_u, (cols[:, None] < k) & (ranks[None, :] < r_u))
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(G) * U``."""
     gate, up = gate.contiguous(), up.contiguous()
@@ -51,3 +105,42 @@ def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) 
         gate, up, grad, grad_gate, grad_up, gate.numel(), BLOCK=BLOCK, num_warps=8
     )
     return grad_gate, grad_up
+
+
+def silu_mul_backward_factors(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    grad: torch.Tensor,
+    gh_d: torch.Tensor,
+    h_gu: torch.Tensor,
+    rank_g: int,
+    scalings: tuple[float, float],
+    seed: int,
+    p: float,
+) -> tuple[torch.Tensor, ...]:
+    """``(gG, gU, gA_d, gB_g, gB_u)`` for rows ``G``, ``U``, ``gP`` (``[n, k]``), ``gh_d`` (``[n, r_d]``) and
+    ``[h_g | h_u]`` (``[n, r_g + r_u]``), the scalings ``(s_g, s_u)`` and down's dropout (kernel ``seed``, ``p``):
+    deterministic (a fixed split of the rows, summed in fp32). The factor gradients take ``gh_d``'s dtype."""
+    gate, up, grad, gh_d, h_gu = (t.contiguous() for t in (gate, up, grad, gh_d, h_gu))
+    n, k = gate.shape
+    r_d, r_g, r_u = gh_d.shape[1], rank_g, h_gu.shape[1] - rank_g
+    ranks = max(16, triton.next_power_of_2(max(r_d, r_g, r_u)))
+    columns = 64 if ranks <= 32 else 32 if ranks <= 64 else 16
+    column_blocks = triton.cdiv(k, columns)
+    splits = max(1, min(triton.cdiv(n, BLOCK_ROWS), 2 * _processors(gate.device) // column_blocks))
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), BLOCK_ROWS) * BLOCK_ROWS
+    splits = triton.cdiv(n, rows_per_split) if n else 1
+    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    partial = gate.new_empty(splits, (r_d + r_g + r_u) * k, dtype=torch.float32)  # every element written
+    _silu_mul_backward_factors[(column_blocks, splits)](
+        gate, up, grad, grad_gate, grad_up, gh_d, h_gu, partial, n, k, r_d, r_g, r_u, rows_per_split,
+        seed, threshold(p), 1.0 / (1.0 - p), *scalings,
+        BM=BLOCK_ROWS, BN=columns, BR=ranks, DROPOUT=p > 0, PRECISION="ieee" if gh_d.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    grad_a_d, grad_b_g, grad_b_u = partial.sum(0).to(gh_d.dtype, copy=True).split([r_d * k, r_g * k, r_u * k])
+    return grad_gate, grad_up, grad_a_d.view(r_d, k), grad_b_g.view(k, r_g), grad_b_u.view(k, r_u)
+
+
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4

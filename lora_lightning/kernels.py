@@ -4,7 +4,8 @@ used when the model is called with ``labels=``). Liger-Kernel is the extra ``ker
 
 Liger patches the model instance and, as it always does, the model type's module in transformers (classes and
 ``apply_rotary_pos_emb``), so models of that type built later in the process use its kernels too. Call
-`apply_kernels` before `fused.install_fused_paths`: the fused gated MLP then runs Liger's SiLU kernels.
+`apply_kernels` before `fused.install_fused_paths`. A fused gated MLP node runs its own SiLU kernels either way (one
+backward pass that also gives the adapters' gradients); Liger's SwiGLU runs where an MLP is not fused.
 """
 
 from __future__ import annotations

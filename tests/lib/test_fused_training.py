@@ -33,7 +33,7 @@ class Recording(LlamaModule):
 
 def fit(tmp_path: Path, fused: bool, monkeypatch: pytest.MonkeyPatch) -> Recording:
     if not fused:
-        monkeypatch.setattr(callback, "install_fused_paths", lambda model, kernels: None)
+        monkeypatch.setattr(callback, "install_fused_paths", lambda model: None)
     module = Recording()
     trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[LoRAFinetuneCallback(LoRAConfig(r=4, alpha=8))])
     trainer.fit(module, token_data())

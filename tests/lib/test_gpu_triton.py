@@ -142,3 +142,41 @@ def test_the_silu_gate_kernels_equal_pytorch_s_silu_times_up_and_its_gradients(d
     got_grads = gate_kernels.silu_mul_backward(strided, up.to(dtype), grad.to(dtype))
     for g, w in zip([got, *got_grads], [want, *want_grads], strict=True):
         assert g.dtype == dtype and (g.float() - w).norm() <= tolerance * w.norm()
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "ranks", "p", "dtype", "tolerance"),
+    [
+        (8192, 8192, (16, 16, 16), 0.0, torch.bfloat16, 1e-2),  # the benchmark's Llama-1B MLP
+        (300, 1001, (16, 16, 16), 0.0, torch.float32, 1e-5),
+        (257, 704, (8, 4, 12), 0.1, torch.float32, 1e-5),
+        (130, 96, (100, 16, 40), 0.0, torch.float32, 1e-5),
+        (64, 256, (64, 64, 64), 0.3, torch.bfloat16, 1e-2),
+    ],
+)
+def test_the_silu_gate_backward_gives_the_adapter_gradients_in_the_same_pass(n, k, ranks, p, dtype, tolerance):
+    """gG, gU, and gA_d = gh_d^T d(P), gB_g = s_g gG^T h_g, gB_u = s_u gU^T h_u, against PyTorch on the kernel's
+    mask; in bf16 against fp32 products of the same bf16 inputs."""
+    r_d, r_g, r_u = ranks
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    gate, up, grad = (torch.randn(n, k, device="cuda", generator=generator).to(dtype) for _ in range(3))
+    gh_d = torch.randn(n, r_d, device="cuda", generator=generator).to(dtype)
+    h_gu = torch.randn(n, r_g + r_u, device="cuda", generator=generator).to(dtype)
+    got = gate_kernels.silu_mul_backward_factors(gate, up, grad, gh_d, h_gu, r_g, (0.5, 2.0), SEED, p)
+    a, b, d = gate.double(), up.double(), grad.double()
+    silu = torch.nn.functional.silu(a)
+    product = silu * b
+    if p:
+        product = product * mask(n, k, SEED, p).double() / (1 - p)
+    grad_up = d * silu
+    grad_gate = d * b * torch.sigmoid(a) * (1 + a * (1 - torch.sigmoid(a)))
+    want = (
+        grad_gate,
+        grad_up,
+        gh_d.double().t() @ product,
+        0.5 * grad_gate.t() @ h_gu[:, :r_g].double(),
+        2.0 * grad_up.t() @ h_gu[:, r_g:].double(),
+    )
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert (g.double() - w).norm() <= tolerance * w.norm()

@@ -58,8 +58,6 @@ def test_an_unknown_kernels_value_is_refused_naming_the_argument(bad):
         LoRAFinetuneCallback(LoRAConfig(r=4), kernels=bad)
     with pytest.raises(ValueError, match=r"kernels=.* is not one of"):
         apply_kernels(make_llama(), bad)
-    with pytest.raises(ValueError, match=r"kernels=.* is not one of"):
-        install_fused_paths(make_llama(), bad)
 
 
 def test_without_liger_the_callback_fails_at_setup_with_the_pip_line(tmp_path, no_liger):
