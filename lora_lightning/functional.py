@@ -425,15 +425,12 @@ def _gate_backward(
     buffers, (s_g, s_u, _), (_, p_d) = ctx.buffers, ctx.scalings, ctx.dropouts
     out_d, rank_g = g.shape[1], ctx.rank_g
     if ctx.elementwise != "torch" and triton_applies(gate):
-        from lora_lightning import dropout_triton, gate_triton
+        from lora_lightning import gate_triton
 
-        if p_d:
-            grad_product = torch.mm(g, buffers.down[:out_d])
-            dropout_triton.add_dropped_grad_(grad_product, gh_d, a_d, ctx.rng_p, p_d)
-        else:  # gP = [g | gh_d] [W_d; A_d]
-            grad_product = torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
+        # gP = [g | gh_d] [W_d; A_d]; with dropout g W_d, and the kernel adds d'(gh_d A_d) with the mask of d(P)
+        grad = torch.mm(g, buffers.down[:out_d]) if p_d else torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
         seed = ctx.rng_p if p_d else 0
-        return gate_triton.silu_mul_backward_factors(gate, up, grad_product, gh_d, h_gu, rank_g, (s_g, s_u), seed, p_d)
+        return gate_triton.silu_mul_backward_factors(gate, up, grad, gh_d, a_d, h_gu, rank_g, (s_g, s_u), seed, p_d)
     gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
     dropped_product = Replayed(ctx, "rng_p", gated.product, p_d)
     if p_d:

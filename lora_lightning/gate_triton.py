@@ -48,12 +48,13 @@ def _silu_mul_backward(gate, up, grad, grad_gate, grad_up, n, BLOCK: tl.constexp
 
 @triton.jit
 def _silu_mul_backward_factors(
-    gate, up, grad, grad_gate, grad_up, gh_d, h_gu, partial, n, k, r_d, r_g, r_u, rows_per_split,
+    gate, up, grad, grad_gate, grad_up, gh_d, a_d, h_gu, partial, n, k, r_d, r_g, r_u, rows_per_split,
     seed, thresh, drop_scale, s_g, s_u,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """gG and gU on this program's ``BN`` columns over one split of the rows, and the split's share of ``gA_d``
-    (``[r_d, k]``), ``gB_g`` (``[k, r_g]``) and ``gB_u`` (``[k, r_u]``), in fp32 at ``partial[split]``."""
+    (``[r_d, k]``), ``gB_g`` (``[k, r_g]``) and ``gB_u`` (``[k, r_u]``), in fp32 at ``partial[split]``. With
+    dropout, ``grad`` is ``g W_d`` and the tile adds ``d'(gh_d A_d)`` to it first."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     split = tl.program_id(1)
     ranks = tl.arange(0, BR)
@@ -62,6 +63,8 @@ def _silu_mul_backward_factors(
     acc_g = tl.zeros((BN, BR), dtype=tl.float32)
     acc_u = tl.zeros((BN, BR), dtype=tl.float32)
     first = split.to(tl.int64) * rows_per_split
+    if DROPOUT:  # this program's columns of A_d
+        down = tl.load(a_d + ranks[:, None] * k + cols[None, :], (ranks[:, None] < r_d) & (cols[None, :] < k), 0.0)
     for m0 in range(0, rows_per_split, BM):  # the last split runs past n: masked
         rows = first + m0 + tl.arange(0, BM)
         inside = (rows[:, None] < n) & (cols[None, :] < k)
@@ -69,6 +72,11 @@ def _silu_mul_backward_factors(
         a = tl.load(gate + offsets, inside, 0.0).to(tl.float32)
         b = tl.load(up + offsets, inside, 0.0).to(tl.float32)
         d = tl.load(grad + offsets, inside, 0.0).to(tl.float32)
+        row_ranks = rows[:, None] < n
+        factor_d = tl.load(gh_d + rows[:, None] * r_d + ranks[None, :], row_ranks & (ranks[None, :] < r_d), 0.0)
+        if DROPOUT:  # gP = g W_d + d'(gh_d A_d), and gA_d reads d(P): one mask
+            keep = keep_mask(seed, rows, tl.program_id(0) * (BN // 8), tl.cdiv(k, 8), thresh, BM, BN)
+            d += tl.where(keep, tl.dot(factor_d, down, input_precision=PRECISION) * drop_scale, 0.0)
         s = tl.sigmoid(a)
         activated = a * s
         g_up = (d * activated).to(grad_up.dtype.element_ty)
@@ -77,10 +85,7 @@ def _silu_mul_backward_factors(
         tl.store(grad_gate + offsets, g_gate, inside)
         product = (activated * b).to(gh_d.dtype.element_ty)
         if DROPOUT:
-            keep = keep_mask(seed, rows, tl.program_id(0) * (BN // 8), tl.cdiv(k, 8), thresh, BM, BN)
             product = tl.where(keep, product, 0.0)
-        row_ranks = rows[:, None] < n
-        factor_d = tl.load(gh_d + rows[:, None] * r_d + ranks[None, :], row_ranks & (ranks[None, :] < r_d), 0.0)
         acc_d = tl.dot(tl.trans(factor_d), product, acc_d, input_precision=PRECISION)
         h_g = tl.load(h_gu + rows[:, None] * r_gu + ranks[None, :], row_ranks & (ranks[None, :] < r_g), 0.0)
         acc_g = tl.dot(tl.trans(g_gate.to(h_g.dtype)), h_g, acc_g, input_precision=PRECISION)
@@ -117,17 +122,19 @@ def silu_mul_backward_factors(
     up: torch.Tensor,
     grad: torch.Tensor,
     gh_d: torch.Tensor,
+    a_d: torch.Tensor,
     h_gu: torch.Tensor,
     rank_g: int,
     scalings: tuple[float, float],
     seed: int,
     p: float,
 ) -> tuple[torch.Tensor, ...]:
-    """``(gG, gU, gA_d, gB_g, gB_u)`` for rows ``G``, ``U``, ``gP`` (``[n, k]``), ``gh_d`` (``[n, r_d]``) and
-    ``[h_g | h_u]`` (``[n, r_g + r_u]``), the scalings ``(s_g, s_u)`` and down's dropout (kernel ``seed``, ``p``):
-    deterministic (a fixed split of the rows, summed in fp32). The factor gradients are fp32 views of one buffer
+    """``(gG, gU, gA_d, gB_g, gB_u)`` for rows ``G``, ``U`` (``[n, k]``), ``gh_d`` (``[n, r_d]``), ``A_d``
+    (``[r_d, k]``) and ``[h_g | h_u]`` (``[n, r_g + r_u]``), the scalings ``(s_g, s_u)`` and down's dropout (kernel
+    ``seed``, ``p``). ``grad`` is ``gP`` without dropout and ``g W_d`` with it: the kernel adds ``d'(gh_d A_d)``.
+    Deterministic (a fixed split of the rows, summed in fp32). The factor gradients are fp32 views of one buffer
     (autograd casts a node's gradients to its inputs' dtypes, with no Python op each)."""
-    gate, up, grad, gh_d, h_gu = (t.contiguous() for t in (gate, up, grad, gh_d, h_gu))
+    gate, up, grad, gh_d, a_d, h_gu = (t.contiguous() for t in (gate, up, grad, gh_d, a_d, h_gu))
     n, k = gate.shape
     r_d, r_g, r_u = gh_d.shape[1], rank_g, h_gu.shape[1] - rank_g
     ranks = max(16, triton.next_power_of_2(max(r_d, r_g, r_u)))
@@ -139,7 +146,7 @@ def silu_mul_backward_factors(
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
     partial = gate.new_empty(splits, (r_d + r_g + r_u) * k, dtype=torch.float32)  # every element written
     _silu_mul_backward_factors[(column_blocks, splits)](
-        gate, up, grad, grad_gate, grad_up, gh_d, h_gu, partial, n, k, r_d, r_g, r_u, rows_per_split,
+        gate, up, grad, grad_gate, grad_up, gh_d, a_d, h_gu, partial, n, k, r_d, r_g, r_u, rows_per_split,
         seed, threshold(p), 1.0 / (1.0 - p), *scalings,
         BM=BLOCK_ROWS, BN=columns, BR=ranks, DROPOUT=p > 0, PRECISION="ieee" if gh_d.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,

@@ -156,18 +156,22 @@ def test_the_silu_gate_kernels_equal_pytorch_s_silu_times_up_and_its_gradients(d
 )
 def test_the_silu_gate_backward_gives_the_adapter_gradients_in_the_same_pass(n, k, ranks, p, dtype, tolerance):
     """gG, gU, and gA_d = gh_d^T d(P), gB_g = s_g gG^T h_g, gB_u = s_u gU^T h_u, against PyTorch on the kernel's
-    mask; in bf16 against fp32 products of the same bf16 inputs."""
+    mask (with dropout the kernel is given g W_d and adds d'(gh_d A_d) to make gP); in bf16 against float64
+    products of the same bf16 inputs."""
     r_d, r_g, r_u = ranks
     generator = torch.Generator(device="cuda").manual_seed(6)
     gate, up, grad = (torch.randn(n, k, device="cuda", generator=generator).to(dtype) for _ in range(3))
     gh_d = torch.randn(n, r_d, device="cuda", generator=generator).to(dtype)
     h_gu = torch.randn(n, r_g + r_u, device="cuda", generator=generator).to(dtype)
-    got = gate_kernels.silu_mul_backward_factors(gate, up, grad, gh_d, h_gu, r_g, (0.5, 2.0), SEED, p)
+    a_d = torch.randn(r_d, k, device="cuda", generator=generator).to(dtype)
+    got = gate_kernels.silu_mul_backward_factors(gate, up, grad, gh_d, a_d, h_gu, r_g, (0.5, 2.0), SEED, p)
     a, b, d = gate.double(), up.double(), grad.double()
     silu = torch.nn.functional.silu(a)
     product = silu * b
     if p:
-        product = product * mask(n, k, SEED, p).double() / (1 - p)
+        keep = mask(n, k, SEED, p).double() / (1 - p)
+        product = product * keep
+        d = d + (gh_d.double() @ a_d.double()) * keep
     grad_up = d * silu
     grad_gate = d * b * torch.sigmoid(a) * (1 + a * (1 - torch.sigmoid(a)))
     want = (
