@@ -491,6 +491,8 @@ class _GatedMLPForward:
         mlp = module.__dict__[_INSTALLED].mlp
         if args or kwargs:
             return self.fallback(x, *args, **kwargs)
+        # Compiled, the module's own forward runs under the recompute policy; a patched forward (Liger's SwiGLU,
+        # whose node keeps only G and U) runs as it is.
         if torch.compiler.is_compiling() and torch.is_grad_enabled() and mlp.previous is None:
             return checkpoint(self.fallback, x, use_reentrant=False, context_fn=_recomputing_elementwise)
         out = mlp.run(module, x)
