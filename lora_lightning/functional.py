@@ -135,7 +135,8 @@ class MLPBuffers:
         self.gate, self.up, self.down, self.ranks = gate, up, down, ranks
         self._layout = tuple(_layout(view) for view in self.weights())
         width = gate.shape[1] - ranks[0]
-        self._blocks = (gate[:, width:], up[:, width + ranks[0] :], down[down.shape[0] - ranks[2] :])  # the factors'
+        # the factor blocks: s_g B_g, s_u B_u and A_d
+        self._blocks = (gate[:, width:], up[:, width + ranks[0] :], down[down.shape[0] - ranks[2] :])
         self._written: tuple | None = None  # what `write_factors` last wrote
 
     @classmethod

@@ -35,18 +35,6 @@ def _silu_mul(gate, up, out, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_backward(gate, up, grad, grad_gate, grad_up, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    a = tl.load(gate + offsets, mask, 0.0).to(tl.float32)
-    b = tl.load(up + offsets, mask, 0.0).to(tl.float32)
-    d = tl.load(grad + offsets, mask, 0.0).to(tl.float32)
-    s = tl.sigmoid(a)
-    tl.store(grad_up + offsets, (d * a * s).to(grad_up.dtype.element_ty), mask)
-    tl.store(grad_gate + offsets, (d * b * s * (1.0 + a * (1.0 - s))).to(grad_gate.dtype.element_ty), mask)
-
-
-@triton.jit
 def _silu_mul_backward_factors(
     gate, up, grad, grad_gate, grad_up, gh_d, a_d, h_gu, partial, n, k, r_d, r_g, r_u, rows_per_split,
     seed, thresh, drop_scale, s_g, s_u,
@@ -107,16 +95,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gG, gU)`` given ``gP``."""
-    gate, up, grad = gate.contiguous(), up.contiguous(), grad.contiguous()
-    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-    _silu_mul_backward[(triton.cdiv(gate.numel(), BLOCK),)](
-        gate, up, grad, grad_gate, grad_up, gate.numel(), BLOCK=BLOCK, num_warps=8
-    )
-    return grad_gate, grad_up
-
-
 def silu_mul_backward_factors(
     gate: torch.Tensor,
     up: torch.Tensor,
@@ -157,4 +135,4 @@ def silu_mul_backward_factors(
 
 @functools.cache
 def _processors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -131,17 +131,14 @@ def test_the_shared_input_node_on_cuda_gives_the_gradients_of_its_one_mask():
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_the_silu_gate_kernels_equal_pytorch_s_silu_times_up_and_its_gradients(dtype, tolerance):
+def test_the_silu_gate_kernel_equals_pytorch_s_silu_times_up(dtype, tolerance):
+    """Its backward: test_the_silu_gate_backward_gives_the_adapter_gradients_in_the_same_pass."""
     generator = torch.Generator(device="cuda").manual_seed(4)
-    gate, up, grad = (torch.randn(37, 1001, device="cuda", generator=generator) * 4 for _ in range(3))
-    leaf_gate, leaf_up = gate.clone().requires_grad_(), up.clone().requires_grad_()
-    want = torch.nn.functional.silu(leaf_gate) * leaf_up
-    want_grads = torch.autograd.grad(want, [leaf_gate, leaf_up], grad)
+    gate, up = (torch.randn(37, 1001, device="cuda", generator=generator) * 4 for _ in range(2))
+    want = torch.nn.functional.silu(gate) * up
     strided = torch.stack([gate, gate], dim=-1).to(dtype)[..., 0]  # a strided input works too
     got = gate_kernels.silu_mul(strided, up.to(dtype))
-    got_grads = gate_kernels.silu_mul_backward(strided, up.to(dtype), grad.to(dtype))
-    for g, w in zip([got, *got_grads], [want, *want_grads], strict=True):
-        assert g.dtype == dtype and (g.float() - w).norm() <= tolerance * w.norm()
+    assert got.dtype == dtype and (got.float() - want).norm() <= tolerance * want.norm()
 
 
 @pytest.mark.parametrize(
