@@ -97,11 +97,13 @@ def _add_dropped_grad(
     tl.store(pointers, total.to(gx.dtype.element_ty), mask)
 
 
-def _ranks_block(r: int) -> int:
+def ranks_block(r: int) -> int:
+    """A kernel's block over ranks: a power of two, at least `tl.dot`'s 16."""
     return max(16, triton.next_power_of_2(r))
 
 
-def _precision(t: torch.Tensor) -> str:
+def precision(t: torch.Tensor) -> str:
+    """`tl.dot`'s ``input_precision`` for operands like ``t``: exact in fp32."""
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
@@ -111,7 +113,7 @@ def dropped_linear(x: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> tor
     h = x.new_empty(n, a.shape[0])
     _dropped_linear[(triton.cdiv(n, BLOCK_M),)](
         x, a, h, n, k, a.shape[0], *x.stride(), *a.stride(), *h.stride(), seed, threshold(p), 1.0 / (1.0 - p),
-        BM=BLOCK_M, BK=BLOCK_K, BR=_ranks_block(a.shape[0]), PRECISION=_precision(x), num_warps=4, num_stages=3,
+        BM=BLOCK_M, BK=BLOCK_K, BR=ranks_block(a.shape[0]), PRECISION=precision(x), num_warps=4, num_stages=3,
     )  # fmt: skip
     return h
 
@@ -129,7 +131,7 @@ def grad_factor(gh: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch
     partial = torch.zeros(splits, r, k, device=x.device, dtype=torch.float32)
     _grad_factor[(column_blocks, splits)](
         gh, x, partial, n, k, r, rows_per_split, *gh.stride(), *x.stride(), k, 1, seed, threshold(p), 1.0 / (1.0 - p),
-        BM=BLOCK_M, BK=BLOCK_K, BR=_ranks_block(r), PRECISION=_precision(x), num_warps=4, num_stages=3,
+        BM=BLOCK_M, BK=BLOCK_K, BR=ranks_block(r), PRECISION=precision(x), num_warps=4, num_stages=3,
     )  # fmt: skip
     return partial.sum(0).to(x.dtype)
 
@@ -139,6 +141,6 @@ def add_dropped_grad_(gx: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed:
     n, k = gx.shape
     _add_dropped_grad[(triton.cdiv(n, BLOCK_M), triton.cdiv(k, BLOCK_K))](
         gx, gh, a, n, k, a.shape[0], *gx.stride(), *gh.stride(), *a.stride(), seed, threshold(p), 1.0 / (1.0 - p),
-        BM=BLOCK_M, BK=BLOCK_K, BR=_ranks_block(a.shape[0]), PRECISION=_precision(gx), num_warps=4, num_stages=2,
+        BM=BLOCK_M, BK=BLOCK_K, BR=ranks_block(a.shape[0]), PRECISION=precision(gx), num_warps=4, num_stages=2,
     )  # fmt: skip
     return gx

@@ -425,19 +425,17 @@ def _gate_backward(
     ``gA_d``'s GEMM."""
     buffers, (s_g, s_u, _), (_, p_d) = ctx.buffers, ctx.scalings, ctx.dropouts
     out_d, rank_g = g.shape[1], ctx.rank_g
+    # gP = [g | gh_d] [W_d; A_d]; with dropout g W_d, to which d'(gh_d A_d) is added below (one mask with d(P))
+    grad = torch.mm(g, buffers.down[:out_d]) if p_d else torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
     if ctx.elementwise != "torch" and triton_applies(gate):
         from lora_lightning import gate_triton
 
-        # gP = [g | gh_d] [W_d; A_d]; with dropout g W_d, and the kernel adds d'(gh_d A_d) with the mask of d(P)
-        grad = torch.mm(g, buffers.down[:out_d]) if p_d else torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
         seed = ctx.rng_p if p_d else 0
         return gate_triton.silu_mul_backward_factors(gate, up, grad, gh_d, a_d, h_gu, rank_g, (s_g, s_u), seed, p_d)
     gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
     dropped_product = Replayed(ctx, "rng_p", gated.product, p_d)
-    if p_d:
-        grad_product = dropped_product.add_input_grad_(torch.mm(g, buffers.down[:out_d]), gh_d, a_d)
-    else:
-        grad_product = torch.mm(torch.cat([g, gh_d], dim=1), buffers.down)
+    grad_product = dropped_product.add_input_grad_(grad, gh_d, a_d) if p_d else grad
+    del grad
     grad_a_d = dropped_product.grad_factor(gh_d)
     del dropped_product, gated.product
     grad_gate, grad_up = gated.backward(grad_product)

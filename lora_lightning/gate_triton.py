@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_lightning.dropout_triton import keep_mask, threshold
+from lora_lightning.dropout_triton import keep_mask, precision, ranks_block, threshold
 
 BLOCK = 2048
 BLOCK_ROWS = 64
@@ -115,7 +115,7 @@ def silu_mul_backward_factors(
     gate, up, grad, gh_d, a_d, h_gu = (t.contiguous() for t in (gate, up, grad, gh_d, a_d, h_gu))
     n, k = gate.shape
     r_d, r_g, r_u = gh_d.shape[1], rank_g, h_gu.shape[1] - rank_g
-    ranks = max(16, triton.next_power_of_2(max(r_d, r_g, r_u)))
+    ranks = ranks_block(max(r_d, r_g, r_u))
     columns = 64 if ranks <= 32 else 32 if ranks <= 64 else 16
     column_blocks = triton.cdiv(k, columns)
     splits = max(1, min(triton.cdiv(n, BLOCK_ROWS), SPLITS_PER_PROCESSOR * _processors(gate.device) // column_blocks))
@@ -126,7 +126,7 @@ def silu_mul_backward_factors(
     _silu_mul_backward_factors[(column_blocks, splits)](
         gate, up, grad, grad_gate, grad_up, gh_d, a_d, h_gu, partial, n, k, r_d, r_g, r_u, rows_per_split,
         seed, threshold(p), 1.0 / (1.0 - p), *scalings,
-        BM=BLOCK_ROWS, BN=columns, BR=ranks, DROPOUT=p > 0, PRECISION="ieee" if gh_d.dtype == torch.float32 else "tf32",
+        BM=BLOCK_ROWS, BN=columns, BR=ranks, DROPOUT=p > 0, PRECISION=precision(gh_d),
         num_warps=4, num_stages=2,
     )  # fmt: skip
     grad_a_d, grad_b_g, grad_b_u = partial.sum(0).split([r_d * k, r_g * k, r_u * k])
