@@ -31,11 +31,16 @@ def dropped_linear(ctx: Any, key: str, x: torch.Tensor, lora_a: torch.Tensor, p:
     if triton_applies(x):
         from lora_lightning import dropout_triton
 
-        seed = int(torch.randint(*_SEEDS, (), generator=torch.default_generator))
-        setattr(ctx, key, seed)
-        return dropout_triton.dropped_linear(x, lora_a, seed, p)
+        return dropout_triton.dropped_linear(x, lora_a, kernel_seed(ctx, key), p)
     setattr(ctx, key, _generator(x.device).get_state())
     return torch.native_dropout(x, p, True)[0] @ lora_a.t()
+
+
+def kernel_seed(ctx: Any, key: str) -> int:
+    """A new seed for the Triton kernels' masks, from the CPU generator, remembered under ``ctx.<key>``."""
+    seed = int(torch.randint(*_SEEDS, (), generator=torch.default_generator))
+    setattr(ctx, key, seed)
+    return seed
 
 
 class Replayed:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from lora_lightning.dropout import Replayed, dropped_linear
+from lora_lightning.dropout import Replayed, dropped_linear, kernel_seed
 from lora_lightning.triton_support import triton_applies
 
 # How `lora_gated_mlp` computes ``act(G) * U`` and its gradients: "torch" (any activation module, its gradient
@@ -468,9 +468,14 @@ class _GatedMLPFunction(torch.autograd.Function):
         gate = F.linear(x_cat[:, : width + a_g.shape[0]], buffers.gate, b_g)
         up = F.linear(x_cat, buffers.up, b_u)
         del x_cat
-        product = _gate(act, gate, up, elementwise)
-        if dropouts[1]:  # h_d reads the dropped product: its own GEMM
-            h_d = dropped_linear(ctx, "rng_p", product, a_d, dropouts[1])
+        if dropouts[1] and elementwise == "silu" and triton_applies(gate):  # P and h_d = d(P) A_d^T in one pass
+            from lora_lightning import gate_triton
+
+            product, h_d = gate_triton.silu_mul_dropped_linear(gate, up, a_d, kernel_seed(ctx, "rng_p"), dropouts[1])
+        else:
+            product = _gate(act, gate, up, elementwise)
+            h_d = dropped_linear(ctx, "rng_p", product, a_d, dropouts[1]) if dropouts[1] else None
+        if dropouts[1]:  # h_d reads the dropped product: not the down GEMM's
             out = F.linear(product, buffers.down[:out_d], b_d).addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
         else:  # [y | h_d] = P [W_d; A_d]^T
             bias = None if b_d is None else torch.cat([b_d, b_d.new_zeros(a_d.shape[0])])

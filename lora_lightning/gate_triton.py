@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_lightning.dropout_triton import keep_mask, precision, ranks_block, threshold
+from lora_lightning.dropout_triton import BLOCK_K, BLOCK_M, keep_mask, precision, ranks_block, threshold
 
 BLOCK = 2048
 BLOCK_ROWS = 64
@@ -32,6 +32,30 @@ def _silu_mul(gate, up, out, n, BLOCK: tl.constexpr):
     a = tl.load(gate + offsets, mask, 0.0).to(tl.float32)
     b = tl.load(up + offsets, mask, 0.0).to(tl.float32)
     tl.store(out + offsets, (a * tl.sigmoid(a) * b).to(out.dtype.element_ty), mask)
+
+
+@triton.jit
+def _silu_mul_dropped_linear(
+    gate, up, out, a, h, n, k, r, seed, thresh, scale,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``P`` on this program's ``BM`` rows, and ``h = d(P) A^T`` over them (`dropout_triton`'s tiles and mask)."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    ranks = tl.arange(0, BR)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, k, BK):
+        cols = k0 + tl.arange(0, BK)
+        inside = (rows[:, None] < n) & (cols[None, :] < k)
+        offsets = rows[:, None] * k + cols[None, :]
+        g = tl.load(gate + offsets, inside, 0.0).to(tl.float32)
+        u = tl.load(up + offsets, inside, 0.0).to(tl.float32)
+        product = (g * tl.sigmoid(g) * u).to(out.dtype.element_ty)
+        tl.store(out + offsets, product, inside)
+        dropped = tl.where(keep_mask(seed, rows, k0 // 8, tl.cdiv(k, 8), thresh, BM, BK), product, 0.0)
+        factor = tl.load(a + ranks[None, :] * k + cols[:, None], (ranks[None, :] < r) & (cols[:, None] < k), 0.0)
+        acc = tl.dot(dropped.to(a.dtype.element_ty), factor, acc, input_precision=PRECISION)
+    mask = (rows[:, None] < n) & (ranks[None, :] < r)
+    tl.store(h + rows[:, None] * r + ranks[None, :], (acc * scale).to(h.dtype.element_ty), mask)
 
 
 @triton.jit
@@ -93,6 +117,23 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
     _silu_mul[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, out, gate.numel(), BLOCK=BLOCK, num_warps=8)
     return out
+
+
+def silu_mul_dropped_linear(
+    gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, seed: int, p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, d(P) A^T)`` for rows ``G``, ``U`` (``[n, k]``) and ``A`` (``[r, k]``), in one pass: the same values as
+    `silu_mul` and then `dropout_triton.dropped_linear` (the same tiles, so the same sums), without reading ``P``
+    again."""
+    gate, up, a = gate.contiguous(), up.contiguous(), a.contiguous()
+    n, k = gate.shape
+    out, h = torch.empty_like(gate), gate.new_empty(n, a.shape[0])
+    _silu_mul_dropped_linear[(triton.cdiv(n, BLOCK_M),)](
+        gate, up, out, a, h, n, k, a.shape[0], seed, threshold(p), 1.0 / (1.0 - p),
+        BM=BLOCK_M, BK=BLOCK_K, BR=ranks_block(a.shape[0]), PRECISION=precision(a),
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return out, h
 
 
 def silu_mul_backward_factors(

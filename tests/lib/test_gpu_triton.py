@@ -181,3 +181,14 @@ def test_the_silu_gate_backward_gives_the_adapter_gradients_in_the_same_pass(n, 
     for g, w, kind in zip(got, want, [dtype, dtype, torch.float32, torch.float32, torch.float32], strict=True):
         assert g.dtype == kind and g.shape == w.shape  # the factors' gradients: fp32 sums (autograd casts them)
         assert (g.double() - w).norm() <= tolerance * w.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_silu_gate_with_a_dropped_linear_equals_the_two_kernels_it_joins(dtype):
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    gate, up = (torch.randn(300, 1000, device="cuda", generator=generator).to(dtype) for _ in range(2))
+    a = (torch.randn(16, 1000, device="cuda", generator=generator) / 30).to(dtype)
+    product, h = gate_kernels.silu_mul_dropped_linear(gate, up, a, SEED, 0.1)
+    want_product = gate_kernels.silu_mul(gate, up)
+    assert torch.equal(product, want_product)
+    torch.testing.assert_close(h, kernels.dropped_linear(want_product, a, SEED, 0.1))
