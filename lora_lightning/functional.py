@@ -32,8 +32,8 @@ Given an `InputProducer` (``x = fn(source)``, where the producer's own node keep
 saves its input does), the shared-input and gated MLP nodes save ``source`` instead of ``x`` and recompute ``x``
 in backward: one frozen-norm pass bought for one saved activation of the model's width.
 
-Masks are never stored: backward draws them again (`dropout`; on CUDA, inside Triton kernels that apply them
-as they multiply).
+Each dropout mask is drawn once, in forward, and saved with the node (`dropout`: on CUDA one bit per element,
+written and read by Triton kernels that apply it as they multiply); no node keeps a dropped input.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from lora_lightning.dropout import Replayed, dropped_linear, kernel_seed
+from lora_lightning.dropout import DroppedInput, dropped_linear, kernel_seed
 from lora_lightning.triton_support import triton_applies
 
 # How `lora_gated_mlp` computes ``act(G) * U`` and its gradients: "torch" (any activation module, its gradient
@@ -247,22 +247,22 @@ class _LoRALinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         flat = _rows(x)
         out = F.linear(flat, weight, bias)
-        h = dropped_linear(ctx, "rng", flat, lora_a, dropout)
+        h, mask = dropped_linear(flat, lora_a, dropout)
         out.addmm_(h, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h, mask)
         ctx.scaling, ctx.dropout = scaling, dropout
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, lora_a, lora_b, h = ctx.saved_tensors
+        x, weight, lora_a, lora_b, h, mask = ctx.saved_tensors
         needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
         g = _rows(grad_out)
         grad_b = _scaled_mm(g.t(), h, ctx.scaling) if needs_b else None
         gh = _scaled_mm(g, lora_b, ctx.scaling)
-        replayed = Replayed(ctx, "rng", _rows(x), ctx.dropout)
-        grad_a = replayed.grad_factor(gh) if needs_a else None
-        grad_x = replayed.add_input_grad_(torch.mm(g, weight), gh, lora_a).view(x.shape) if needs_x else None
+        dropped = DroppedInput(_rows(x), mask, ctx.dropout)
+        grad_a = dropped.grad_factor(gh) if needs_a else None
+        grad_x = dropped.add_input_grad_(torch.mm(g, weight), gh, lora_a).view(x.shape) if needs_x else None
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
@@ -270,29 +270,29 @@ class _LoRALinearFunction(torch.autograd.Function):
 
 
 def _shared_forward(
-    ctx: Any, flat: torch.Tensor, dropout: float, scalings: Sequence[float], layers: Sequence[Sequence[torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """``h`` and the outputs ``y_i`` of layers ``(W, b, A, B)`` on rows ``flat`` (one mask, one ``A`` GEMM)."""
+    flat: torch.Tensor, dropout: float, scalings: Sequence[float], layers: Sequence[Sequence[torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """The stacked ``A``, ``h``, the mask and the outputs ``y_i`` of layers ``(W, b, A, B)`` on rows ``flat`` (one
+    mask, one ``A`` GEMM)."""
     a_cat = torch.cat([a for _, _, a, _ in layers])
-    h = dropped_linear(ctx, "rng_x", flat, a_cat, dropout)
+    h, mask = dropped_linear(flat, a_cat, dropout)
     outs = []
     for (weight, bias, _, lora_b), h_i, scaling in zip(layers, _split(h, layers), scalings, strict=True):
         outs.append(F.linear(flat, weight, bias).addmm_(h_i, lora_b.t(), alpha=scaling))
-    return a_cat, h, outs
+    return a_cat, h, mask, outs
 
 
 def _shared_backward(
-    ctx: Any,
-    flat: torch.Tensor,
+    dropped: DroppedInput,
     grads: Sequence[torch.Tensor | None],
     h: torch.Tensor,
     a_cat: torch.Tensor,
     layers: Sequence[Sequence[torch.Tensor]],
     scalings: Sequence[float],
-    dropout: float,
     needs: Sequence[bool],
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """``gx``, the ``gA_i`` and the ``gB_i`` of `_shared_forward` (``needs``: x, then A and B of each layer)."""
+    """``gx``, the ``gA_i`` and the ``gB_i`` of `_shared_forward` on ``dropped`` (``needs``: x, then A and B of
+    each layer)."""
     grads_b: list[torch.Tensor | None] = []
     ghs, grad_x = [], None
     for (weight, _, _, lora_b), g, h_i, scaling, needs_b in zip(
@@ -307,13 +307,12 @@ def _shared_backward(
         if needs[0]:
             grad_x = torch.mm(g, weight) if grad_x is None else grad_x.addmm_(g, weight)
     gh = torch.cat(ghs, dim=1)
-    replayed = Replayed(ctx, "rng_x", flat, dropout)
     grads_a: list[torch.Tensor | None] = [None] * len(layers)
     if any(needs[1::2]):
-        stacked = replayed.grad_factor(gh).split(_ranks(layers))
+        stacked = dropped.grad_factor(gh).split(_ranks(layers))
         grads_a = [ga if n and g is not None else None for ga, g, n in zip(stacked, grads, needs[1::2], strict=True)]
     if needs[0]:
-        grad_x = replayed.add_input_grad_(grad_x if grad_x is not None else torch.zeros_like(flat), gh, a_cat)
+        grad_x = dropped.add_input_grad_(grad_x if grad_x is not None else torch.zeros_like(dropped.x), gh, a_cat)
     return grad_x, grads_a, grads_b
 
 
@@ -356,8 +355,8 @@ class _SharedInputFunction(torch.autograd.Function):
         *tensors: torch.Tensor,
     ):
         layers = _layers(tensors)
-        a_cat, h, outs = _shared_forward(ctx, _rows(x), dropout, scalings, layers)
-        ctx.save_for_backward(_kept_input(ctx, x, producer), h, a_cat, *_saved(layers))
+        a_cat, h, mask, outs = _shared_forward(_rows(x), dropout, scalings, layers)
+        ctx.save_for_backward(_kept_input(ctx, x, producer), h, a_cat, mask, *_saved(layers))
         ctx.dropout, ctx.scalings, ctx.ranks = dropout, scalings, _ranks(layers)
         ctx.set_materialize_grads(False)
         return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
@@ -365,14 +364,13 @@ class _SharedInputFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        kept, h, a_cat, *saved = ctx.saved_tensors
+        kept, h, a_cat, mask, *saved = ctx.saved_tensors
         x = _restored_input(ctx, kept)
         layers = _restored(saved, a_cat, ctx.ranks)
         needs = _needs(ctx.needs_input_grad, 4, len(layers))
         grads = [None if g is None else _rows(g) for g in grads]
-        grad_x, grads_a, grads_b = _shared_backward(
-            ctx, _rows(x), grads, h, a_cat, layers, ctx.scalings, ctx.dropout, needs
-        )
+        dropped = DroppedInput(_rows(x), mask, ctx.dropout)
+        grad_x, grads_a, grads_b = _shared_backward(dropped, grads, h, a_cat, layers, ctx.scalings, needs)
         per_layer = [t for ga, gb in zip(grads_a, grads_b, strict=True) for t in (None, None, ga, gb)]
         return (None if grad_x is None else grad_x.view(x.shape), None, None, None, *per_layer)
 
@@ -419,10 +417,11 @@ def _gate_backward(
     up: torch.Tensor,
     h_gu: torch.Tensor,
     a_d: torch.Tensor,
+    mask_p: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
-    """``(gG, gU, gA_d, gB_g, gB_u)`` of a gated MLP node from down's output gradient ``g`` and ``gh_d``: on CUDA for a
-    SiLU gate, one `gate_triton` pass that recomputes ``P`` on the fly; elsewhere ``P`` is recomputed, then read by
-    ``gA_d``'s GEMM."""
+    """``(gG, gU, gA_d, gB_g, gB_u)`` of a gated MLP node from down's output gradient ``g`` and ``gh_d`` (``mask_p``:
+    down's dropout mask): on CUDA for a SiLU gate, one `gate_triton` pass that recomputes ``P`` on the fly;
+    elsewhere ``P`` is recomputed, then read by ``gA_d``'s GEMM."""
     buffers, (s_g, s_u, _), (_, p_d) = ctx.buffers, ctx.scalings, ctx.dropouts
     out_d, rank_g = g.shape[1], ctx.rank_g
     # gP = [g | gh_d] [W_d; A_d]; with dropout g W_d, to which d'(gh_d A_d) is added below (one mask with d(P))
@@ -430,10 +429,9 @@ def _gate_backward(
     if ctx.elementwise != "torch" and triton_applies(gate):
         from lora_lightning import gate_triton
 
-        seed = ctx.rng_p if p_d else 0
-        return gate_triton.silu_mul_backward_factors(gate, up, grad, gh_d, a_d, h_gu, rank_g, (s_g, s_u), seed, p_d)
+        return gate_triton.silu_mul_backward_factors(gate, up, grad, gh_d, a_d, h_gu, rank_g, (s_g, s_u), mask_p, p_d)
     gated = _GateRecomputed(ctx.act, gate, up, ctx.elementwise)
-    dropped_product = Replayed(ctx, "rng_p", gated.product, p_d)
+    dropped_product = DroppedInput(gated.product, mask_p, p_d)
     grad_product = dropped_product.add_input_grad_(grad, gh_d, a_d) if p_d else grad
     del grad
     grad_a_d = dropped_product.grad_factor(gh_d)
@@ -463,7 +461,7 @@ class _GatedMLPFunction(torch.autograd.Function):
         flat = _rows(x)
         width, out_d = flat.shape[1], buffers.down.shape[0] - a_d.shape[0]
         a_gu = torch.cat([a_g, a_u])
-        h_gu = dropped_linear(ctx, "rng_x", flat, a_gu, dropouts[0])
+        h_gu, mask_x = dropped_linear(flat, a_gu, dropouts[0])
         x_cat = torch.cat([flat, h_gu], dim=1)  # [x | h_g | h_u]
         gate = F.linear(x_cat[:, : width + a_g.shape[0]], buffers.gate, b_g)
         up = F.linear(x_cat, buffers.up, b_u)
@@ -471,10 +469,10 @@ class _GatedMLPFunction(torch.autograd.Function):
         if dropouts[1] and elementwise == "silu" and triton_applies(gate):  # P and h_d = d(P) A_d^T in one pass
             from lora_lightning import gate_triton
 
-            product, h_d = gate_triton.silu_mul_dropped_linear(gate, up, a_d, kernel_seed(ctx, "rng_p"), dropouts[1])
+            product, h_d, mask_p = gate_triton.silu_mul_dropped_linear(gate, up, a_d, kernel_seed(), dropouts[1])
         else:
             product = _gate(act, gate, up, elementwise)
-            h_d = dropped_linear(ctx, "rng_p", product, a_d, dropouts[1]) if dropouts[1] else None
+            h_d, mask_p = dropped_linear(product, a_d, dropouts[1]) if dropouts[1] else (None, None)
         if dropouts[1]:  # h_d reads the dropped product: not the down GEMM's
             out = F.linear(product, buffers.down[:out_d], b_d).addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
         else:  # [y | h_d] = P [W_d; A_d]^T
@@ -483,7 +481,7 @@ class _GatedMLPFunction(torch.autograd.Function):
             h_d = both[:, out_d:].clone()
             out = both[:, :out_d].addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
         kept = _kept_input(ctx, x, producer)
-        ctx.save_for_backward(kept, h_gu, gate, up, h_d, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d)
+        ctx.save_for_backward(kept, h_gu, gate, up, h_d, mask_x, mask_p, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d)
         ctx.act, ctx.elementwise, ctx.dropouts, ctx.scalings = act, elementwise, dropouts, scalings
         ctx.rank_g = a_g.shape[0]
         ctx.buffers = buffers  # held, not saved: forward and backward write its factor blocks
@@ -492,14 +490,14 @@ class _GatedMLPFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        kept, h_gu, gate, up, h_d, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d = ctx.saved_tensors
+        kept, h_gu, gate, up, h_d, mask_x, mask_p, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d = ctx.saved_tensors
         buffers, s_d, p_gu = ctx.buffers, ctx.scalings[2], ctx.dropouts[0]
         buffers.hold_factors(lora_b_g, lora_b_u, a_d, ctx.scalings)  # another forward may have written others
         needs = ctx.needs_input_grad
         g = _rows(grad_out)
         grad_b_d = _scaled_mm(g.t(), h_d, s_d) if needs[15] else None
         gh_d = _scaled_mm(g, lora_b_d, s_d)
-        grad_gate, grad_up, grad_a_d, grad_b_g, grad_b_u = _gate_backward(ctx, g, gh_d, gate, up, h_gu, a_d)
+        grad_gate, grad_up, grad_a_d, grad_b_g, grad_b_u = _gate_backward(ctx, g, gh_d, gate, up, h_gu, a_d, mask_p)
         del gh_d
         rank_g = ctx.rank_g
         # [gx | gh_g | gh_u] = gU [W_u | 0 | s_u B_u] + gG [W_g | s_g B_g] (onto the first width + r_g columns)
@@ -508,13 +506,13 @@ class _GatedMLPFunction(torch.autograd.Function):
         grad_cat[:, : width + rank_g].addmm_(grad_gate, buffers.gate)
         del grad_gate, grad_up
         gh = grad_cat[:, width:].clone()
-        replayed = Replayed(ctx, "rng_x", _rows(_restored_input(ctx, kept)), p_gu)
+        dropped = DroppedInput(_rows(_restored_input(ctx, kept)), mask_x, p_gu)
         grad_a_g = grad_a_u = None
         if needs[8] or needs[11]:
-            grad_a_g, grad_a_u = replayed.grad_factor(gh).split([rank_g, a_gu.shape[0] - rank_g])
+            grad_a_g, grad_a_u = dropped.grad_factor(gh).split([rank_g, a_gu.shape[0] - rank_g])
         grad_x = None
         if needs[0]:
-            grad_x = replayed.add_input_grad_(grad_cat[:, :width], gh, a_gu)
+            grad_x = dropped.add_input_grad_(grad_cat[:, :width], gh, a_gu)
             grad_x = grad_x.view(*grad_out.shape[:-1], width)
         per_layer = (None, grad_a_g if needs[8] else None, grad_b_g if needs[9] else None, None)
         per_layer += (grad_a_u if needs[11] else None, grad_b_u if needs[12] else None)

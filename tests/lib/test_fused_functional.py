@@ -135,7 +135,7 @@ def test_one_mask_per_shared_input_with_peft_s_marginal_distribution():
 
 @pytest.mark.parametrize("dropout", [0.2])
 @pytest.mark.parametrize("strided", [False, True])
-def test_backward_replays_the_forward_masks_and_leaves_the_generator_where_forward_left_it(dropout, strided):
+def test_backward_applies_the_forward_masks_and_leaves_the_generator_where_forward_left_it(dropout, strided):
     """Two chained fused MLPs with dropout: the gradients equal autograd's over the very masks forward drew, and
     backward leaves the default generator where forward left it; also for an input that is a strided view."""
     leaf = torch.randn(3, 4, 7 if strided else 5, dtype=DTYPE, requires_grad=True)

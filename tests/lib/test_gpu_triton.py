@@ -14,13 +14,17 @@ kernels = pytest.importorskip("lora_lightning.dropout_triton", exc_type=ImportEr
 gate_kernels = pytest.importorskip("lora_lightning.gate_triton", exc_type=ImportError)
 
 
+def unpacked(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``[n, k]`` keep mask that the bytes ``bits`` hold (bit ``j % 8`` of byte ``j // 8``)."""
+    shifts = torch.arange(8, device=bits.device)
+    return ((bits[..., None].long() >> shifts) & 1).flatten(-2)[..., :k].bool()
+
+
 def mask(n: int, k: int, seed: int, p: float) -> torch.Tensor:
-    """The keep mask the kernels draw for an ``[n, k]`` input, read off ``0 += d'(1 1^T)``."""
-    ones = torch.ones(n, 1, device="cuda")
-    drawn = kernels.add_dropped_grad_(torch.zeros(n, k, device="cuda"), ones, ones[:1].expand(1, k), seed, p)
-    keep = drawn != 0
-    torch.testing.assert_close(drawn[keep], torch.full_like(drawn[keep], 1.0 / (1.0 - p)))
-    return keep
+    """The keep mask the kernels draw for an ``[n, k]`` input under ``seed``, from the bits forward writes."""
+    _, bits = kernels.dropped_linear(torch.zeros(n, k, device="cuda"), torch.zeros(1, k, device="cuda"), seed, p)
+    assert bits.shape == (n, (k + 7) // 8) and bits.dtype == torch.uint8
+    return unpacked(bits, k)
 
 
 SEED = (1 << 40) + 12345
@@ -33,11 +37,14 @@ def test_the_three_products_equal_pytorch_with_the_kernels_mask(n, k, r):
     x, gh = (torch.randn(n, w, device="cuda", generator=generator) for w in (k, r))
     a = torch.randn(r, k, device="cuda", generator=generator) / k**0.5
     gx = torch.randn(n, k, device="cuda", generator=generator)
-    dropped = x * mask(n, k, SEED, p) / (1 - p)
-    torch.testing.assert_close(kernels.dropped_linear(x, a, SEED, p), dropped @ a.t(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(kernels.grad_factor(gh, x, SEED, p), gh.t() @ dropped, rtol=1e-4, atol=1e-3)
-    want = gx + (gh @ a) * mask(n, k, SEED, p) / (1 - p)
-    torch.testing.assert_close(kernels.add_dropped_grad_(gx.clone(), gh, a, SEED, p), want, rtol=1e-4, atol=1e-4)
+    h, bits = kernels.dropped_linear(x, a, SEED, p)
+    keep = unpacked(bits, k)  # the mask forward applied, as backward reads it
+    assert torch.equal(keep, mask(n, k, SEED, p))  # a function of the seed and the position alone
+    dropped = x * keep / (1 - p)
+    torch.testing.assert_close(h, dropped @ a.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernels.grad_factor(gh, x, bits, p), gh.t() @ dropped, rtol=1e-4, atol=1e-3)
+    want = gx + (gh @ a) * keep / (1 - p)
+    torch.testing.assert_close(kernels.add_dropped_grad_(gx.clone(), gh, a, bits, p), want, rtol=1e-4, atol=1e-4)
 
 
 def test_the_mask_does_not_depend_on_the_input_s_layout_and_bf16_accumulates_in_fp32():
@@ -45,8 +52,8 @@ def test_the_mask_does_not_depend_on_the_input_s_layout_and_bf16_accumulates_in_
     x = torch.randn(k, n, device="cuda").t()  # column-major rows
     a = torch.randn(16, k, device="cuda")
     want = (x * mask(n, k, SEED, p) / (1 - p)) @ a.t()
-    torch.testing.assert_close(kernels.dropped_linear(x, a, SEED, p), want, rtol=1e-4, atol=1e-4)
-    half = kernels.dropped_linear(x.bfloat16(), a.bfloat16(), SEED, p).float()
+    torch.testing.assert_close(kernels.dropped_linear(x, a, SEED, p)[0], want, rtol=1e-4, atol=1e-4)
+    half = kernels.dropped_linear(x.bfloat16(), a.bfloat16(), SEED, p)[0].float()
     assert (half - want).norm() <= 1e-2 * want.norm()
 
 
@@ -161,7 +168,8 @@ def test_the_silu_gate_backward_gives_the_adapter_gradients_in_the_same_pass(n, 
     gh_d = torch.randn(n, r_d, device="cuda", generator=generator).to(dtype)
     h_gu = torch.randn(n, r_g + r_u, device="cuda", generator=generator).to(dtype)
     a_d = torch.randn(r_d, k, device="cuda", generator=generator).to(dtype)
-    got = gate_kernels.silu_mul_backward_factors(gate, up, grad, gh_d, a_d, h_gu, r_g, (0.5, 2.0), SEED, p)
+    bits = kernels.dropped_linear(gate, a_d, SEED, p)[1] if p else None  # the mask of SEED, as forward writes it
+    got = gate_kernels.silu_mul_backward_factors(gate, up, grad, gh_d, a_d, h_gu, r_g, (0.5, 2.0), bits, p)
     a, b, d = gate.double(), up.double(), grad.double()
     silu = torch.nn.functional.silu(a)
     product = silu * b
@@ -188,7 +196,9 @@ def test_the_silu_gate_with_a_dropped_linear_equals_the_two_kernels_it_joins(dty
     generator = torch.Generator(device="cuda").manual_seed(7)
     gate, up = (torch.randn(300, 1000, device="cuda", generator=generator).to(dtype) for _ in range(2))
     a = (torch.randn(16, 1000, device="cuda", generator=generator) / 30).to(dtype)
-    product, h = gate_kernels.silu_mul_dropped_linear(gate, up, a, SEED, 0.1)
+    product, h, bits = gate_kernels.silu_mul_dropped_linear(gate, up, a, SEED, 0.1)
     want_product = gate_kernels.silu_mul(gate, up)
     assert torch.equal(product, want_product)
-    torch.testing.assert_close(h, kernels.dropped_linear(want_product, a, SEED, 0.1))
+    want_h, want_bits = kernels.dropped_linear(want_product, a, SEED, 0.1)
+    assert torch.equal(bits, want_bits)
+    torch.testing.assert_close(h, want_h)

@@ -161,7 +161,7 @@ def test_fused_dropout_is_reproducible_and_leaves_the_generator_where_forward_le
     torch.manual_seed(7)
     kept = lora_linear(x, weight, bias, lora_a, lora_b, 1.0, 0.5)
     after_forward = torch.get_rng_state()
-    kept.sum().backward()  # replays the mask
+    kept.sum().backward()  # applies the mask forward drew
     assert torch.equal(torch.get_rng_state(), after_forward)
     torch.manual_seed(7)
     assert torch.equal(lora_linear(x, weight, bias, lora_a, lora_b, 1.0, 0.5), kept)
