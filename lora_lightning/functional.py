@@ -84,7 +84,7 @@ def lora_linear(
     scaling: float,
     dropout: float,
 ) -> torch.Tensor:
-    """Apply the fused LoRA linear map (CPU or CUDA tensors); dropout draws from the device's default generator."""
+    """Apply the fused LoRA linear map (CPU or CUDA tensors); its dropout mask is drawn as `dropout` says."""
     return _LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout)
 
 
