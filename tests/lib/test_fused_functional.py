@@ -1,5 +1,6 @@
 """The fused autograd nodes of lora_lightning.functional against plain autograd: float64 gradcheck, the same
-gradients as the module path, and what their dropout is (one mask per shared input, replayed in backward)."""
+gradients as the module path, and what their dropout is (one mask per shared input, drawn in forward and kept for
+backward)."""
 
 from __future__ import annotations
 
