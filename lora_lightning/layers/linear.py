@@ -100,8 +100,8 @@ class LoRALinear(LoRALayer):
         """What the fused nodes of `functional` need to run adapter ``name`` (the active one by default) on ``x``,
         or ``None`` where they do not apply: the adapter is not the one running (merged, disabled, inactive, one
         adapter per sample), DoRA, ``lora_bias``, a base other than a plain frozen ``nn.Linear`` (4-bit, Conv1D,
-        sharded), ``x`` of another dtype, autocast, a device other than CPU/CUDA, or ``torch.compile`` tracing
-        (Inductor fuses the modules better)."""
+        sharded), ``x`` or adapters of another dtype than the base, autocast, a device other than CPU/CUDA, or
+        ``torch.compile`` tracing (Inductor fuses the modules better)."""
         # Called for every adapted layer in every step: the checks read the module dicts directly rather than
         # through nn.Module.__getattr__, and the cheapest come first.
         active = self.active_adapter
@@ -130,7 +130,7 @@ class LoRALinear(LoRALayer):
             weight.requires_grad
             or (bias is not None and bias.requires_grad)
             or type(weight) not in (nn.Parameter, torch.Tensor)  # not a DTensor or another subclass
-            or x.dtype != weight.dtype
+            or not x.dtype == weight.dtype == a.dtype == b.dtype  # the nodes multiply them without casts
         ):
             return None
         return LinearOperands(weight, bias, a, b, spec.scaling, spec.dropout if self.training else 0.0)

@@ -464,6 +464,21 @@ def test_weights_held_as_plain_attributes_take_the_module_path(held):
         torch.testing.assert_close(model(input_ids=TOKENS).logits, reference(input_ids=TOKENS).logits)
 
 
+def test_adapters_in_another_dtype_than_the_base_take_the_module_path():
+    """fp32 adapters on a bf16 base (as PEFT keeps them by default): the nodes would multiply mixed dtypes."""
+    model = adapted_llama().to(torch.bfloat16)
+    for param in adapter_parameters(model):
+        param.data = param.data.float()
+    reference = copy.deepcopy(model)
+    install_fused_paths(model)
+    assert model.model.layers[0].mlp.down_proj.fused_operands(torch.zeros(1, 64, dtype=torch.bfloat16)) is None
+    losses, grads = step_grads(model)
+    want_losses, want = step_grads(reference)
+    assert losses == want_losses
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_evaluation_without_autograd_runs_the_fused_paths(mode):
     model = adapted_llama()
