@@ -162,9 +162,7 @@ def grad_factor(gh: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, p: float)
     n, k = x.shape
     r = gh.shape[1]
     column_blocks = triton.cdiv(k, BLOCK_K)
-    splits = max(1, min(triton.cdiv(n, BLOCK_M), 2 * processors(x.device) // column_blocks))
-    rows_per_split = triton.cdiv(triton.cdiv(n, splits), BLOCK_M) * BLOCK_M
-    splits = triton.cdiv(n, rows_per_split) if n else 1
+    splits, rows_per_split = row_splits(n, BLOCK_M, 2 * processors(x.device) // column_blocks)
     partial = x.new_empty(splits, r, k, dtype=torch.float32)  # every element written
     _grad_factor[(column_blocks, splits)](
         gh, x, bits, partial, n, k, r, rows_per_split, *gh.stride(), *x.stride(), 1.0 / (1.0 - p),
@@ -183,6 +181,14 @@ def add_dropped_grad_(
         BM=BLOCK_M, BK=BLOCK_K, BR=ranks_block(a.shape[0]), PRECISION=precision(gx), num_warps=4, num_stages=2,
     )  # fmt: skip
     return gx
+
+
+def row_splits(n: int, block: int, wanted: int) -> tuple[int, int]:
+    """``(splits, rows per split)``: about ``wanted`` (at least 1) splits of ``n`` rows, each a whole number of
+    ``block``-row blocks, for kernels that sum per-split partials over rows."""
+    splits = max(1, min(triton.cdiv(n, block), wanted))
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block) * block
+    return (triton.cdiv(n, rows_per_split) if n else 1), rows_per_split
 
 
 @functools.cache

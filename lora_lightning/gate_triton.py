@@ -22,6 +22,7 @@ from lora_lightning.dropout_triton import (
     precision,
     processors,
     ranks_block,
+    row_splits,
     store_mask,
     threshold,
 )
@@ -172,9 +173,7 @@ def silu_mul_backward_factors(
     ranks = ranks_block(max(r_d, r_g, r_u))
     columns = 64 if ranks <= 32 else 32 if ranks <= 64 else 16
     column_blocks = triton.cdiv(k, columns)
-    splits = max(1, min(triton.cdiv(n, BLOCK_ROWS), SPLITS_PER_PROCESSOR * processors(gate.device) // column_blocks))
-    rows_per_split = triton.cdiv(triton.cdiv(n, splits), BLOCK_ROWS) * BLOCK_ROWS
-    splits = triton.cdiv(n, rows_per_split) if n else 1
+    splits, rows_per_split = row_splits(n, BLOCK_ROWS, SPLITS_PER_PROCESSOR * processors(gate.device) // column_blocks)
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
     partial = gate.new_empty(splits, (r_d + r_g + r_u) * k, dtype=torch.float32)  # every element written
     _silu_mul_backward_factors[(column_blocks, splits)](
