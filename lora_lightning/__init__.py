@@ -5,7 +5,7 @@ from lora_lightning.callback import LoRAFinetuneCallback
 from lora_lightning.checkpoint_io import LoRACheckpointMixin, SafeCheckpointIO, inject_from_checkpoint
 from lora_lightning.config import AdapterSpec, LoRAConfig
 from lora_lightning.export import model_card, save_merged, write_model_card
-from lora_lightning.fused import FusionReport, install_fused_paths, remove_fused_paths
+from lora_lightning.fused import FusionReport, fold_gated_mlps, install_fused_paths, remove_fused_paths
 from lora_lightning.gguf_adapter import save_gguf_adapter
 from lora_lightning.inject import InjectionReport, TargetError, find_targets, inject_lora, merge_lora, unload_lora
 from lora_lightning.io import AdapterFormatError, load_adapter, save_adapter
@@ -59,6 +59,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "find_targets",
+    "fold_gated_mlps",
     "inject_from_checkpoint",
     "inject_lora",
     "install_fused_paths",

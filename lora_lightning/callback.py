@@ -21,7 +21,14 @@ from lora_lightning.checkpoint_io import (
     make_checkpoints_adapter_only,
 )
 from lora_lightning.config import LoRAConfig, _is_positive_finite, is_adapter_name
-from lora_lightning.fused import WIRING_KEY, fused_wiring, install_fused_paths, remove_fused_paths, restore_fused_wiring
+from lora_lightning.fused import (
+    WIRING_KEY,
+    fold_gated_mlps,
+    fused_wiring,
+    install_fused_paths,
+    remove_fused_paths,
+    restore_fused_wiring,
+)
 from lora_lightning.inject import find_targets, prepare_adapter
 from lora_lightning.kernels import KERNELS, apply_kernels, check_kernels
 from lora_lightning.modules import shadow_method
@@ -129,6 +136,7 @@ class LoRAFinetuneCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         keep_only_trainable_params(trainer.optimizers, pl_module)
+        fold_gated_mlps(pl_module)  # on the training device: a compiled MLP's custom op then folds nothing per call
         if trainer.is_global_zero:
             check_checkpoint_dirs_writable(trainer)
         summary = param_summary(pl_module)

@@ -39,6 +39,7 @@ written and read by Triton kernels that apply it as they multiply); no node keep
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -129,7 +130,8 @@ class MLPBuffers:
     product with ``P`` is ``[P W_d^T | P A_d^T]``. A forward writes the factor blocks; its backward writes them
     again only if another forward wrote others in between."""
 
-    __slots__ = ("_blocks", "_layout", "_written", "down", "gate", "ranks", "up")
+    __slots__ = ("__weakref__", "_blocks", "_layout", "_written", "down", "gate", "ranks", "up")
+    _by_storage: weakref.WeakValueDictionary[int, MLPBuffers] = weakref.WeakValueDictionary()
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks: tuple[int, int, int]):
         self.gate, self.up, self.down, self.ranks = gate, up, down, ranks
@@ -138,6 +140,18 @@ class MLPBuffers:
         # the factor blocks: s_g B_g, s_u B_u and A_d
         self._blocks = (gate[:, width:], up[:, width + ranks[0] :], down[down.shape[0] - ranks[2] :])
         self._written: tuple | None = None  # what `write_factors` last wrote
+        MLPBuffers._by_storage[gate.data_ptr()] = self
+
+    @classmethod
+    def holding(
+        cls, w_g: torch.Tensor, w_u: torch.Tensor, w_d: torch.Tensor, ranks: tuple[int, int, int]
+    ) -> MLPBuffers:
+        """The buffers whose views ``W_g``, ``W_u`` and ``W_d`` are (a fused MLP's eager call folded them), else new
+        buffers folding copies of them (for this call only)."""
+        buffers = cls._by_storage.get(w_g.data_ptr())
+        if buffers is not None and buffers.ranks == ranks and buffers.holds(w_g, w_u, w_d):
+            return buffers
+        return cls.fold(w_g, w_u, w_d, *ranks)
 
     @classmethod
     def fold(cls, w_g: torch.Tensor, w_u: torch.Tensor, w_d: torch.Tensor, r_g: int, r_u: int, r_d: int) -> MLPBuffers:
@@ -443,6 +457,64 @@ def _gate_backward(
     return grad_gate, grad_up, grad_a_d, grad_b_g, grad_b_u
 
 
+def _mlp_forward(ctx: Any, flat: torch.Tensor, tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, list]:
+    """Down's output rows of a gated MLP on rows ``flat`` (``tensors``: bias, A, B of gate, up, down; the rest in
+    ``ctx``), and what backward needs besides the input: ``[h_gu, G, U, h_d, mask_x, mask_p, A_gu, A_d, B_g, B_u,
+    B_d]``."""
+    (b_g, a_g, lora_b_g), (b_u, a_u, lora_b_u), (b_d, a_d, lora_b_d) = (tensors[i : i + 3] for i in (0, 3, 6))
+    buffers, dropouts, scalings, elementwise = ctx.buffers, ctx.dropouts, ctx.scalings, ctx.elementwise
+    buffers.write_factors(lora_b_g, lora_b_u, a_d, scalings)
+    width, out_d = flat.shape[1], buffers.down.shape[0] - a_d.shape[0]
+    a_gu = torch.cat([a_g, a_u])
+    h_gu, mask_x = dropped_linear(flat, a_gu, dropouts[0])
+    x_cat = torch.cat([flat, h_gu], dim=1)  # [x | h_g | h_u]
+    gate = F.linear(x_cat[:, : width + a_g.shape[0]], buffers.gate, b_g)
+    up = F.linear(x_cat, buffers.up, b_u)
+    del x_cat
+    if dropouts[1] and elementwise == "silu" and triton_applies(gate):  # P and h_d = d(P) A_d^T in one pass
+        from lora_lightning import gate_triton
+
+        product, h_d, mask_p = gate_triton.silu_mul_dropped_linear(gate, up, a_d, kernel_seed(), dropouts[1])
+    else:
+        product = _gate(ctx.act, gate, up, elementwise)
+        h_d, mask_p = dropped_linear(product, a_d, dropouts[1]) if dropouts[1] else (None, None)
+    if dropouts[1]:  # h_d reads the dropped product: not the down GEMM's
+        out = F.linear(product, buffers.down[:out_d], b_d).addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
+    else:  # [y | h_d] = P [W_d; A_d]^T
+        bias = None if b_d is None else torch.cat([b_d, b_d.new_zeros(a_d.shape[0])])
+        both = F.linear(product, buffers.down, bias)
+        h_d = both[:, out_d:].clone()
+        out = both[:, :out_d].addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
+    return out, [h_gu, gate, up, h_d, mask_x, mask_p, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d]
+
+
+def _mlp_backward(
+    ctx: Any, flat: torch.Tensor, saved: Sequence[torch.Tensor | None], g: torch.Tensor, needs: Sequence[bool]
+) -> tuple[torch.Tensor | None, ...]:
+    """``(gx, gA_g, gB_g, gA_u, gB_u, gA_d, gB_d)`` of `_mlp_forward` on rows ``flat`` for down's output gradient
+    rows ``g`` (``needs``: whether each is needed)."""
+    h_gu, gate, up, h_d, mask_x, mask_p, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d = saved
+    buffers, s_d, p_gu, rank_g = ctx.buffers, ctx.scalings[2], ctx.dropouts[0], ctx.rank_g
+    buffers.hold_factors(lora_b_g, lora_b_u, a_d, ctx.scalings)  # another forward may have written others
+    grad_b_d = _scaled_mm(g.t(), h_d, s_d) if needs[6] else None
+    gh_d = _scaled_mm(g, lora_b_d, s_d)
+    grad_gate, grad_up, grad_a_d, grad_b_g, grad_b_u = _gate_backward(ctx, g, gh_d, gate, up, h_gu, a_d, mask_p)
+    del gh_d
+    # [gx | gh_g | gh_u] = gU [W_u | 0 | s_u B_u] + gG [W_g | s_g B_g] (onto the first width + r_g columns)
+    grad_cat = torch.mm(grad_up, buffers.up)
+    width = grad_cat.shape[1] - h_gu.shape[1]
+    grad_cat[:, : width + rank_g].addmm_(grad_gate, buffers.gate)
+    del grad_gate, grad_up
+    gh = grad_cat[:, width:].clone()
+    dropped = DroppedInput(flat, mask_x, p_gu)
+    grad_a_g = grad_a_u = None
+    if needs[1] or needs[3]:
+        grad_a_g, grad_a_u = dropped.grad_factor(gh).split([rank_g, a_gu.shape[0] - rank_g])
+    grad_x = dropped.add_input_grad_(grad_cat[:, :width], gh, a_gu) if needs[0] else None
+    grads = (grad_x, grad_a_g, grad_b_g, grad_a_u, grad_b_u, grad_a_d, grad_b_d)
+    return tuple(grad if need else None for grad, need in zip(grads, needs, strict=True))
+
+
 class _GatedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -456,64 +528,144 @@ class _GatedMLPFunction(torch.autograd.Function):
         producer: InputProducer | None,
         *tensors: torch.Tensor,
     ) -> torch.Tensor:
-        (b_g, a_g, lora_b_g), (b_u, a_u, lora_b_u), (b_d, a_d, lora_b_d) = (tensors[i : i + 3] for i in (0, 3, 6))
-        buffers.write_factors(lora_b_g, lora_b_u, a_d, scalings)
-        flat = _rows(x)
-        width, out_d = flat.shape[1], buffers.down.shape[0] - a_d.shape[0]
-        a_gu = torch.cat([a_g, a_u])
-        h_gu, mask_x = dropped_linear(flat, a_gu, dropouts[0])
-        x_cat = torch.cat([flat, h_gu], dim=1)  # [x | h_g | h_u]
-        gate = F.linear(x_cat[:, : width + a_g.shape[0]], buffers.gate, b_g)
-        up = F.linear(x_cat, buffers.up, b_u)
-        del x_cat
-        if dropouts[1] and elementwise == "silu" and triton_applies(gate):  # P and h_d = d(P) A_d^T in one pass
-            from lora_lightning import gate_triton
-
-            product, h_d, mask_p = gate_triton.silu_mul_dropped_linear(gate, up, a_d, kernel_seed(), dropouts[1])
-        else:
-            product = _gate(act, gate, up, elementwise)
-            h_d, mask_p = dropped_linear(product, a_d, dropouts[1]) if dropouts[1] else (None, None)
-        if dropouts[1]:  # h_d reads the dropped product: not the down GEMM's
-            out = F.linear(product, buffers.down[:out_d], b_d).addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
-        else:  # [y | h_d] = P [W_d; A_d]^T
-            bias = None if b_d is None else torch.cat([b_d, b_d.new_zeros(a_d.shape[0])])
-            both = F.linear(product, buffers.down, bias)
-            h_d = both[:, out_d:].clone()
-            out = both[:, :out_d].addmm_(h_d, lora_b_d.t(), alpha=scalings[2])
-        kept = _kept_input(ctx, x, producer)
-        ctx.save_for_backward(kept, h_gu, gate, up, h_d, mask_x, mask_p, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d)
         ctx.act, ctx.elementwise, ctx.dropouts, ctx.scalings = act, elementwise, dropouts, scalings
-        ctx.rank_g = a_g.shape[0]
+        ctx.rank_g = tensors[1].shape[0]
         ctx.buffers = buffers  # held, not saved: forward and backward write its factor blocks
-        return out.view(*x.shape[:-1], out_d)
+        out, saved = _mlp_forward(ctx, _rows(x), tensors)
+        ctx.save_for_backward(_kept_input(ctx, x, producer), *saved)
+        return out.view(*x.shape[:-1], out.shape[1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        kept, h_gu, gate, up, h_d, mask_x, mask_p, a_gu, a_d, lora_b_g, lora_b_u, lora_b_d = ctx.saved_tensors
-        buffers, s_d, p_gu = ctx.buffers, ctx.scalings[2], ctx.dropouts[0]
-        buffers.hold_factors(lora_b_g, lora_b_u, a_d, ctx.scalings)  # another forward may have written others
-        needs = ctx.needs_input_grad
-        g = _rows(grad_out)
-        grad_b_d = _scaled_mm(g.t(), h_d, s_d) if needs[15] else None
-        gh_d = _scaled_mm(g, lora_b_d, s_d)
-        grad_gate, grad_up, grad_a_d, grad_b_g, grad_b_u = _gate_backward(ctx, g, gh_d, gate, up, h_gu, a_d, mask_p)
-        del gh_d
-        rank_g = ctx.rank_g
-        # [gx | gh_g | gh_u] = gU [W_u | 0 | s_u B_u] + gG [W_g | s_g B_g] (onto the first width + r_g columns)
-        grad_cat = torch.mm(grad_up, buffers.up)
-        width = grad_cat.shape[1] - h_gu.shape[1]
-        grad_cat[:, : width + rank_g].addmm_(grad_gate, buffers.gate)
-        del grad_gate, grad_up
-        gh = grad_cat[:, width:].clone()
-        dropped = DroppedInput(_rows(_restored_input(ctx, kept)), mask_x, p_gu)
-        grad_a_g = grad_a_u = None
-        if needs[8] or needs[11]:
-            grad_a_g, grad_a_u = dropped.grad_factor(gh).split([rank_g, a_gu.shape[0] - rank_g])
-        grad_x = None
-        if needs[0]:
-            grad_x = dropped.add_input_grad_(grad_cat[:, :width], gh, a_gu)
-            grad_x = grad_x.view(*grad_out.shape[:-1], width)
-        per_layer = (None, grad_a_g if needs[8] else None, grad_b_g if needs[9] else None, None)
-        per_layer += (grad_a_u if needs[11] else None, grad_b_u if needs[12] else None)
-        return (grad_x, None, None, None, None, None, None, *per_layer, None, grad_a_d if needs[14] else None, grad_b_d)
+        kept, *saved = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = (n[0], n[8], n[9], n[11], n[12], n[14], n[15])
+        flat = _rows(_restored_input(ctx, kept))
+        grad_x, grad_a_g, grad_b_g, grad_a_u, grad_b_u, grad_a_d, grad_b_d = _mlp_backward(
+            ctx, flat, saved, _rows(grad_out), needs
+        )
+        if grad_x is not None:
+            grad_x = grad_x.view(*grad_out.shape[:-1], flat.shape[1])
+        per_layer = (None, grad_a_g, grad_b_g, None, grad_a_u, grad_b_u, None, grad_a_d, grad_b_d)
+        return (grad_x, None, None, None, None, None, None, *per_layer)
+
+
+# ------------------------------------------------------------------------------------------------------ custom op
+
+# Under torch.compile a gated MLP with a SiLU gate, bias-free layers and no dropout runs as these two custom ops, the
+# math and kernels of `_GatedMLPFunction`, which Inductor keeps whole around the rest of its graph. The op saves its
+# input (no norm recompute) and runs on the weights an eager call or `fused.fold_gated_mlps` folded, else folds copies
+# for the call (`MLPBuffers.holding`). No dropout: masks drawn inside an opaque op would be drawn anew where
+# activation checkpointing in the compiled graph runs it again.
+
+_Forward = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_Backward = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class _OpState:
+    """What `_mlp_forward` and `_mlp_backward` read of an autograd node's ``ctx``, for the custom ops."""
+
+    def __init__(self, weights: Sequence[torch.Tensor], factors: Sequence[torch.Tensor], scalings: list[float]) -> None:
+        ranks = (factors[0].shape[0], factors[2].shape[0], factors[4].shape[0])
+        self.buffers = MLPBuffers.holding(*weights, ranks)
+        self.act, self.elementwise, self.rank_g = F.silu, "silu", ranks[0]
+        self.scalings, self.dropouts = tuple(scalings), (0.0, 0.0)
+
+
+@torch.library.custom_op("lora_lightning::gated_mlp", mutates_args=())
+def _gated_mlp_op(
+    x: torch.Tensor,
+    w_g: torch.Tensor,
+    w_u: torch.Tensor,
+    w_d: torch.Tensor,
+    a_g: torch.Tensor,
+    b_g: torch.Tensor,
+    a_u: torch.Tensor,
+    b_u: torch.Tensor,
+    a_d: torch.Tensor,
+    b_d: torch.Tensor,
+    scalings: list[float],
+) -> _Forward:
+    """``(y, h_gu, G, U, h_d)``: down's output and what backward needs besides the inputs."""
+    state = _OpState((w_g, w_u, w_d), (a_g, b_g, a_u, b_u, a_d, b_d), scalings)
+    out, saved = _mlp_forward(state, _rows(x), (None, a_g, b_g, None, a_u, b_u, None, a_d, b_d))
+    return out.view(*x.shape[:-1], out.shape[1]), *saved[:4]
+
+
+@_gated_mlp_op.register_fake
+def _(x, w_g, w_u, w_d, a_g, b_g, a_u, b_u, a_d, b_d, scalings):
+    n, inter, r_d, out_d = x.numel() // x.shape[-1], w_g.shape[0], a_d.shape[0], w_d.shape[0]
+    out = x.new_empty(n, out_d + r_d)[:, :out_d]  # a view of [y | h_d], as the down GEMM writes it
+    gate = x.new_empty(n, inter)
+    h_gu = x.new_empty(n, a_g.shape[0] + a_u.shape[0])
+    return out.view(*x.shape[:-1], out_d), h_gu, gate, torch.empty_like(gate), x.new_empty(n, r_d)
+
+
+@torch.library.custom_op("lora_lightning::gated_mlp_backward", mutates_args=())
+def _gated_mlp_backward_op(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    w_g: torch.Tensor,
+    w_u: torch.Tensor,
+    w_d: torch.Tensor,
+    a_g: torch.Tensor,
+    b_g: torch.Tensor,
+    a_u: torch.Tensor,
+    b_u: torch.Tensor,
+    a_d: torch.Tensor,
+    b_d: torch.Tensor,
+    h_gu: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    h_d: torch.Tensor,
+    scalings: list[float],
+) -> _Backward:
+    """``(gx, gA_g, gB_g, gA_u, gB_u, gA_d, gB_d)``."""
+    factors = (a_g, b_g, a_u, b_u, a_d, b_d)
+    state = _OpState((w_g, w_u, w_d), factors, scalings)
+    state.buffers.write_factors(b_g, b_u, a_d, scalings)  # always: whatever a forward wrote in between, or not
+    saved = [h_gu, gate, up, h_d, None, None, torch.cat([a_g, a_u]), a_d, b_g, b_u, b_d]
+    grad_x, *grads = _mlp_backward(state, _rows(x), saved, _rows(g), (True,) * 7)
+    grads = [grad.to(f.dtype, copy=True) for grad, f in zip(grads, factors, strict=True)]  # no aliases between outputs
+    return grad_x.view(x.shape), *grads
+
+
+@_gated_mlp_backward_op.register_fake
+def _(g, x, w_g, w_u, w_d, a_g, b_g, a_u, b_u, a_d, b_d, h_gu, gate, up, h_d, scalings):
+    n, width = x.numel() // x.shape[-1], x.shape[-1]
+    grad_x = x.new_empty(n, width + h_gu.shape[1])[:, :width].view(x.shape)  # a view of [gx | gh], as written
+    return grad_x, *(torch.empty_like(f) for f in (a_g, b_g, a_u, b_u, a_d, b_d))
+
+
+def _op_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    *tensors, scalings = inputs
+    ctx.save_for_backward(*tensors, *output[1:])
+    ctx.scalings = scalings
+
+
+def _op_backward(ctx: Any, grad_out: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    grad_x, *factor_grads = torch.ops.lora_lightning.gated_mlp_backward(grad_out, *ctx.saved_tensors, ctx.scalings)
+    return grad_x, None, None, None, *factor_grads, None
+
+
+_gated_mlp_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def lora_gated_mlp_op(x: torch.Tensor, gate: LinearOperands, up: LinearOperands, down: LinearOperands) -> torch.Tensor:
+    """`lora_gated_mlp` with a SiLU gate as a custom op that torch.compile keeps whole; for bias-free layers without
+    dropout."""
+    layers = (gate, up, down)
+    for role, layer in zip(("gate", "up", "down"), layers, strict=True):
+        if layer.bias is not None:
+            raise ValueError(
+                f"lora_gated_mlp_op: {role} has a bias; the op takes bias-free layers (lora_gated_mlp does)"
+            )
+        if layer.dropout:
+            raise ValueError(
+                f"lora_gated_mlp_op: {role} has dropout={layer.dropout}; the op takes 0 (lora_gated_mlp takes any)"
+            )
+    factors = [t for layer in layers for t in (layer.lora_a, layer.lora_b)]
+    return _gated_mlp_op(x, gate.weight, up.weight, down.weight, *factors, [float(layer.scaling) for layer in layers])[
+        0
+    ]

@@ -19,9 +19,11 @@ fallback. The math of each path is in `functional`.
 
 A fused path gives way to the layers' own path for any call it does not cover (the checks of
 `LoRALinear.fused_operands`: torch.compile, autocast, DoRA, a quantized or sharded base, a merged or disabled
-adapter). Traced by torch.compile, a gated MLP runs its module's forward under selective checkpointing that recomputes
-elementwise results other than sums in backward, so it keeps ``G`` and ``U`` but not ``act(G) * U``: Inductor's
-partitioner keeps down's input otherwise, because the adapter's gradient multiplies it.
+adapter). Traced by torch.compile, a gated MLP with a SiLU gate, bias-free layers and no dropout runs as one
+custom op (`functional.lora_gated_mlp_op`: the node's math and kernels, which Inductor keeps whole), on the weights
+that `fold_gated_mlps` folded; another gated MLP runs its module's forward under selective checkpointing that recomputes
+elementwise results other than sums in backward. Either way it keeps ``G`` and ``U`` but not ``act(G) * U``:
+Inductor's partitioner keeps down's input otherwise, because the adapter's gradient multiplies it.
 
 Dropout draws one mask per shared input where PEFT draws one per adapter: each adapter's mask has PEFT's
 distribution, but the adapters of one input see the same mask in a step (they are correlated).
@@ -42,7 +44,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from lora_lightning.functional import InputProducer, LinearOperands, MLPBuffers, lora_gated_mlp, lora_shared_input
+from lora_lightning.functional import (
+    InputProducer,
+    LinearOperands,
+    MLPBuffers,
+    lora_gated_mlp,
+    lora_gated_mlp_op,
+    lora_shared_input,
+)
 from lora_lightning.layers import LoRALinear
 from lora_lightning.modules import canonical_name
 
@@ -67,8 +76,9 @@ class FusionReport:
         return (
             f"LoRA fused paths: gated MLP node on {_summary(self.gated_mlps)}; shared-input node for the children "
             f"that get the same tensor (seen in the first forward) of {_summary(self.shared_input_parents)}. "
-            f"Not fused: {not_fused}. Under torch.compile and autocast every layer runs its modules (a compiled "
-            "gated MLP recomputes act(gate) * up in backward)"
+            f"Not fused: {not_fused}. Under torch.compile a gated MLP with a SiLU gate runs as one custom op and "
+            "the other layers run their modules (a compiled gated MLP recomputes act(gate) * up in backward); under "
+            "autocast every layer runs its modules"
         )
 
 
@@ -108,6 +118,17 @@ def install_fused_paths(model: nn.Module) -> FusionReport:
     report = FusionReport(gated, parents, not_fused)
     rank_zero_info(str(report))
     return report
+
+
+def fold_gated_mlps(model: nn.Module) -> None:
+    """Fold each fused gated MLP's frozen weights into its buffers now, as its first eager call would, where they
+    are plain 2-D tensors (not sharded): a compiled MLP's custom op then runs on them instead of folding copies per
+    call. Call it on the training device, before the first compiled step (`LoRAFinetuneCallback` does, as fit
+    starts)."""
+    for module in model.modules():
+        installed = module.__dict__.get(_INSTALLED)
+        if installed is not None and installed.mlp is not None:
+            installed.mlp.fold()
 
 
 def remove_fused_paths(model: nn.Module) -> None:
@@ -441,15 +462,38 @@ class _GatedMLP:
         module.__dict__["forward"] = _GatedMLPForward(module)
 
     def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        if torch.compiler.is_compiling() or any(
-            getattr(module, role) is not layer for role, layer in zip(self.roles, self.layers, strict=True)
-        ):
+        if torch.compiler.is_compiling() or not self._in_place(module):
             return None
         operands = [layer.fused_operands(x) for layer in self.layers]
         if any(o is None for o in operands) or operands[0].dropout != operands[1].dropout:
             return None
         buffers = self._folded(operands)
         return lora_gated_mlp(x, self.act, *operands, self.elementwise, buffers, self.producers.of(x))
+
+    def run_traced(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Under torch.compile: the custom op (`functional.lora_gated_mlp_op`) for a SiLU gate with bias-free layers
+        and no dropout, else ``None`` (with dropout the module path runs, whose masks Inductor draws: activation
+        checkpointing in the compiled graph draws them again the same, where an opaque op would draw others)."""
+        if self.elementwise != "silu" or not self._in_place(module):
+            return None
+        operands = [layer.fused_operands(x, traced=True) for layer in self.layers]
+        if any(o is None or o.bias is not None or o.dropout for o in operands):
+            return None
+        return lora_gated_mlp_op(x, *operands)
+
+    def fold(self) -> None:
+        """Fold the layers' frozen weights now, as the first fused call would, where they are plain 2-D tensors on
+        a real device (for the adapters now active)."""
+        weight = self.layers[0].base_layer._parameters.get("weight")
+        if weight is None or weight.dim() != 2 or weight.device.type == "meta":
+            return  # sharded (FSDP1 holds views of flat parameters as plain attributes) or not materialized
+        operands = [layer.fused_operands(weight.new_empty(0, weight.shape[1])) for layer in self.layers]
+        if all(o is not None for o in operands):
+            self._folded(operands)
+
+    def _in_place(self, module: nn.Module) -> bool:
+        """Whether ``module``'s children are still the layers seen at install."""
+        return all(getattr(module, role) is layer for role, layer in zip(self.roles, self.layers, strict=True))
 
     def _folded(self, operands: list[LinearOperands]) -> MLPBuffers:
         """The buffers the layers' weights are views of, folded anew where they are not (the first run, another
@@ -491,10 +535,15 @@ class _GatedMLPForward:
         mlp = module.__dict__[_INSTALLED].mlp
         if args or kwargs:
             return self.fallback(x, *args, **kwargs)
-        # Compiled, the module's own forward runs under the recompute policy; a patched forward (Liger's SwiGLU,
-        # whose node keeps only G and U) runs as it is.
-        if torch.compiler.is_compiling() and torch.is_grad_enabled() and mlp.previous is None:
-            return checkpoint(self.fallback, x, use_reentrant=False, context_fn=_recomputing_elementwise)
+        # Compiled, a SiLU MLP without dropout runs as the custom op (also where Liger patched the forward: the op
+        # runs the fused node's own SiLU kernels, as eager does); another runs its module's own forward under the
+        # recompute policy, or a patched forward (Liger's SwiGLU, whose node keeps only G and U) as it is.
+        if torch.compiler.is_compiling():
+            out = mlp.run_traced(module, x)
+            if out is not None:
+                return out
+            if torch.is_grad_enabled() and mlp.previous is None:
+                return checkpoint(self.fallback, x, use_reentrant=False, context_fn=_recomputing_elementwise)
         out = mlp.run(module, x)
         return self.fallback(x) if out is None else out
 

@@ -96,12 +96,13 @@ class LoRALinear(LoRALayer):
         self.lora_B[name].weight.copy_(b)
         self._set_base_weight(self.base_weight() - self.delta_weight(name))
 
-    def fused_operands(self, x: torch.Tensor, name: str | None = None) -> LinearOperands | None:
+    def fused_operands(self, x: torch.Tensor, name: str | None = None, traced: bool = False) -> LinearOperands | None:
         """What the fused nodes of `functional` need to run adapter ``name`` (the active one by default) on ``x``,
         or ``None`` where they do not apply: the adapter is not the one running (merged, disabled, inactive, one
         adapter per sample), DoRA, ``lora_bias``, a base other than a plain frozen ``nn.Linear`` (4-bit, Conv1D,
         sharded), ``x`` or adapters of another dtype than the base, autocast, a device other than CPU/CUDA, or
-        ``torch.compile`` tracing (Inductor fuses the modules better)."""
+        ``torch.compile`` tracing (Inductor fuses the modules better) unless ``traced`` (for a custom op that the
+        compiled graph keeps whole)."""
         # Called for every adapted layer in every step: the checks read the module dicts directly rather than
         # through nn.Module.__getattr__, and the cheapest come first.
         active = self.active_adapter
@@ -114,7 +115,7 @@ class LoRALinear(LoRALayer):
             or self.sample_adapters is not None
             or x.device.type not in ("cpu", "cuda")
             or torch.is_autocast_enabled(x.device.type)
-            or torch.compiler.is_compiling()
+            or (torch.compiler.is_compiling() and not traced)
         ):
             return None
         spec = self.specs.get(name)

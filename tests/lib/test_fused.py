@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +24,14 @@ from lora_lightning import (
     set_active_adapter,
     unload_lora,
 )
-from lora_lightning.fused import fused_wiring, install_fused_paths, remove_fused_paths, restore_fused_wiring
+from lora_lightning.functional import MLPBuffers
+from lora_lightning.fused import (
+    fold_gated_mlps,
+    fused_wiring,
+    install_fused_paths,
+    remove_fused_paths,
+    restore_fused_wiring,
+)
 from tests.helpers.models import InputKeepingRMSNorm, keep_norm_inputs, make_llama
 
 
@@ -567,9 +575,20 @@ def compiled_step(model: nn.Module) -> tuple[list[torch.Size], list[torch.Tensor
     return saved, [p.grad for p in adapter_parameters(model)]
 
 
+def gelu_mlps(model: nn.Module) -> nn.Module:
+    """``model`` with GELU gates: its MLPs fuse, but a compiled one runs its module under the recompute policy
+    rather than the SiLU custom op."""
+    for layer in model.model.layers:
+        layer.mlp.act_fn = nn.GELU()
+    return model
+
+
 @pytest.mark.slow
-def test_a_compiled_gated_mlp_keeps_gate_and_up_but_recomputes_their_product():
-    model = adapted_llama()
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_a_compiled_gated_mlp_keeps_gate_and_up_but_recomputes_their_product(act):
+    """A SiLU MLP runs as the custom op, another under selective checkpointing: either way the compiled graph saves
+    G and U but not act(G) * U, and gives the eager gradients."""
+    model = adapted_llama() if act == "silu" else gelu_mlps(adapted_llama())
     _, eager = step_grads(copy.deepcopy(model), steps=1)
     module_path_saved, _ = compiled_step(copy.deepcopy(model))
     install_fused_paths(model)
@@ -588,7 +607,7 @@ def test_a_compiled_gated_mlp_keeps_gate_and_up_but_recomputes_their_product():
 @pytest.mark.parametrize("how", ["eager backend", "graph break in the MLP"])
 def test_a_compiled_gated_mlp_that_runs_eagerly_gives_the_eager_gradients(how):
     """Where the MLP's checkpointed region runs eagerly, the adapters' in-place updates must not trip it."""
-    model = adapted_llama()
+    model = gelu_mlps(adapted_llama())
     _, eager = step_grads(copy.deepcopy(model), steps=1)
     install_fused_paths(model)
     backend = "inductor"
@@ -601,6 +620,79 @@ def test_a_compiled_gated_mlp_that_runs_eagerly_gives_the_eager_gradients(how):
     loss.backward()
     for got, want in zip((p.grad for p in adapter_parameters(model)), eager[1:], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def graph_ops(module: nn.Module, *args: torch.Tensor) -> list[Any]:
+    """The functions a fullgraph torch.compile of ``module`` calls (a recording backend; no Inductor)."""
+    ops: list[Any] = []
+
+    def recording(graph: torch.fx.GraphModule, example_inputs: list) -> Any:
+        ops.extend(node.target for node in graph.graph.nodes if node.op == "call_function")
+        return graph.forward
+
+    torch.compile(module, fullgraph=True, backend=recording)(*args)
+    return ops
+
+
+@pytest.mark.slow
+def test_a_compiled_silu_mlp_is_one_custom_op_with_the_eager_node_s_output_and_gradients(monkeypatch):
+    model = adapted_llama()
+    install_fused_paths(model)
+    fold_gated_mlps(model)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    params = [x, *(p for p in mlp.parameters() if p.requires_grad)]
+    want_y = mlp(x)
+    want = torch.autograd.grad(want_y.square().sum(), params)
+    assert torch.ops.lora_lightning.gated_mlp.default in graph_ops(mlp, x)
+    monkeypatch.setattr(MLPBuffers, "fold", lambda *args: pytest.fail("folded a copy: fold_gated_mlps folded"))
+    y = torch.compile(mlp, fullgraph=True)(x)  # any graph break raises
+    got = torch.autograd.grad(y.square().sum(), params)
+    torch.testing.assert_close(y, want_y)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.slow
+def test_a_compiled_mlp_with_dropout_runs_its_module():
+    """Masks drawn inside the opaque op would be drawn anew where compiled activation checkpointing reruns it."""
+    model = adapted_llama(dropout=0.1)
+    install_fused_paths(model)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    assert torch.ops.lora_lightning.gated_mlp.default not in graph_ops(mlp, x)
+    torch.compile(mlp, fullgraph=True)(x).sum().backward()
+    assert mlp.down_proj.lora_A["default"].weight.grad is not None
+
+
+def test_fold_gated_mlps_makes_the_weights_views_of_the_buffers_again_after_a_move():
+    model = adapted_llama()
+    install_fused_paths(model)
+    mlp = model.model.layers[0].mlp
+    weights = [layer.base_layer.weight for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    expected = [w.detach().clone() for w in weights]
+    assert MLPBuffers._by_storage.get(weights[0].data_ptr()) is None  # installing folds nothing
+    for _ in range(2):
+        fold_gated_mlps(model)
+        buffers = MLPBuffers._by_storage[weights[0].data_ptr()]
+        assert buffers.holds(*weights) and buffers is MLPBuffers.holding(*weights, (4, 4, 4))
+        assert all(torch.equal(w, e) for w, e in zip(weights, expected, strict=True))
+        for w in weights:  # as a move to another device does
+            w.data = w.data.clone()
+        assert MLPBuffers._by_storage.get(weights[0].data_ptr()) is None
+
+
+def test_fold_gated_mlps_leaves_sharded_weights_alone():
+    """FSDP1 gives each layer a view of its flat parameter as a plain attribute; FSDP2 a DTensor (not folded by
+    `fused_operands`' own checks): folding must neither fail nor copy them."""
+    model = adapted_llama()
+    install_fused_paths(model)
+    base = model.model.layers[0].mlp.gate_proj.base_layer
+    weight = base._parameters.pop("weight")
+    base.weight = weight.detach().flatten()  # a 1-D view, as a flat parameter's shard is
+    fold_gated_mlps(model)
+    assert base.weight.dim() == 1 and base.weight.data_ptr() == weight.data_ptr()  # not replaced
+    assert MLPBuffers._by_storage.get(model.model.layers[0].mlp.up_proj.base_layer.weight.data_ptr()) is None
 
 
 def test_a_layer_added_as_a_lone_child_is_reported():

@@ -14,6 +14,7 @@ from lora_lightning.functional import (
     LinearOperands,
     MLPBuffers,
     lora_gated_mlp,
+    lora_gated_mlp_op,
     lora_linear,
     lora_shared_input,
 )
@@ -222,3 +223,40 @@ def test_a_node_given_its_input_s_producer_keeps_the_source_and_gives_the_same_g
     assert not saved_x and source.untyped_storage().data_ptr() in saved
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+def test_the_gated_mlp_custom_op_is_the_node_with_true_fake_kernels_and_gradients():
+    """The op that torch.compile keeps whole (`lora_gated_mlp_op`): the eager node's output and gradients, float64
+    gradcheck, and fake kernels that give its outputs' shapes, dtypes and strides (opcheck)."""
+    gate, up = (LinearOperands(*operands(5, 7, 2, 2.0, 0.0, seed=s, bias=False)) for s in (1, 2))
+    down = LinearOperands(*operands(7, 5, 3, 1.5, 0.0, seed=3, bias=False))
+    x = torch.randn(3, 4, 5, dtype=DTYPE, requires_grad=True)
+    inputs = [x, *(t for layer in (gate, up, down) for t in (layer.lora_a, layer.lora_b))]
+
+    def op(x, a_g, b_g, a_u, b_u, a_d, b_d):
+        factors = zip((gate, up, down), (a_g, a_u, a_d), (b_g, b_u, b_d), strict=True)
+        return lora_gated_mlp_op(x, *(layer._replace(lora_a=a, lora_b=b) for layer, a, b in factors))
+
+    want_y = lora_gated_mlp(x, F.silu, gate, up, down, "silu")
+    want = torch.autograd.grad(want_y.square().sum(), inputs)
+    y = op(*inputs)
+    got = torch.autograd.grad(y.square().sum(), inputs)
+    torch.testing.assert_close(y, want_y)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert torch.autograd.gradcheck(op, inputs)
+    args = (x, gate.weight, up.weight, down.weight, *inputs[1:], [2.0, 2.0, 1.5])
+    torch.library.opcheck(torch.ops.lora_lightning.gated_mlp.default, args)
+    outputs = torch.ops.lora_lightning.gated_mlp(*args)
+    backward = (torch.randn_like(outputs[0]), *(t.detach() for t in (*args[:10], *outputs[1:])), args[10])
+    torch.library.opcheck(torch.ops.lora_lightning.gated_mlp_backward.default, backward)
+
+
+def test_the_gated_mlp_custom_op_refuses_a_bias_or_dropout():
+    gate, up = (LinearOperands(*operands(5, 7, 2, 2.0, 0.0, seed=s, bias=False)) for s in (1, 2))
+    down = LinearOperands(*operands(7, 5, 3, 1.5, 0.0, seed=3, bias=False))
+    x = torch.randn(3, 5, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"up has dropout=0\.1"):
+        lora_gated_mlp_op(x, gate, up._replace(dropout=0.1), down)
+    with pytest.raises(ValueError, match="down has a bias"):
+        lora_gated_mlp_op(x, gate, up, down._replace(bias=torch.zeros(5, dtype=DTYPE)))

@@ -141,3 +141,30 @@ def test_200_steps_of_a_smollm2_135m_shape_track_the_per_layer_path():
     assert fused_curve[-20:].mean() < 0.7 * fused_curve[:5].mean()  # it learned
     assert abs(fused_curve[-20:].mean() - plain_curve[-20:].mean()) <= 0.05 * plain_curve[-20:].mean()
     assert (fused_curve - plain_curve).abs().mean() <= 0.05 * plain_curve.mean()
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_a_compiled_model_runs_the_mlp_custom_op_with_the_per_layer_gradients(dtype, tolerance):
+    model = llama(dtype)
+    compiled = torch.compile(model)
+    tokens = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(2)).cuda()
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        compiled(input_ids=tokens, labels=tokens).loss.backward()
+    got = [p.grad.float() for p in adapter_parameters(model)]
+    assert_close_in_norm(got, grads(llama(dtype, fused=False)), tolerance)
+
+
+def test_a_compiled_mlp_gives_the_eager_node_s_output_and_gradients():
+    """The custom op runs the node's Triton kernels: the compiled MLP gives the eager fused MLP's output and
+    gradients."""
+    model = llama(torch.float32)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(4, 64, 256, device="cuda", requires_grad=True)
+    inputs = [x, *(p for p in mlp.parameters() if p.requires_grad)]
+    want_y = mlp(x)
+    want = torch.autograd.grad(want_y.square().sum(), inputs)
+    y = torch.compile(mlp, fullgraph=True)(x)
+    got = torch.autograd.grad(y.square().sum(), inputs)
+    torch.testing.assert_close(y, want_y)
+    assert_close_in_norm(list(got), list(want), 1e-5)
