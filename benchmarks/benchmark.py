@@ -10,7 +10,8 @@ Rows (``--list`` prints every name; ``--configs`` takes names or shell-style pat
 
     <impl>:<mode>[:gc][:drop0.05][:liger]
     impl  frozen     base frozen, input-embedding output requires grad: backward runs through every layer (the floor)
-          ours       lora_lightning.inject_lora + install_fused_paths (adapters in the base dtype), as the callback
+          ours       lora_lightning.inject_lora + install_fused_paths + fold_gated_mlps (adapters in the base dtype),
+                     as the callback
           ours-layer lora_lightning.inject_lora alone: every adapted layer its own node (the path before fusion)
           peft       peft.get_peft_model with its defaults (adapters autocast to fp32)
           peft-bf16  peft.get_peft_model(..., autocast_adapter_dtype=False) (adapters in the base dtype)

@@ -178,7 +178,7 @@ def attach(row: RowSpec, model: nn.Module, settings: Settings) -> tuple[nn.Modul
     if row.impl == "full":
         return model, None
     if row.impl in ("ours", "ours-layer"):
-        from lora_lightning import LoRAConfig, inject_lora, install_fused_paths, save_adapter
+        from lora_lightning import LoRAConfig, fold_gated_mlps, inject_lora, install_fused_paths, save_adapter
 
         config = LoRAConfig(
             r=settings.r, alpha=settings.alpha, dropout=row.dropout, target_modules=list(TARGET_MODULES)
@@ -186,6 +186,7 @@ def attach(row: RowSpec, model: nn.Module, settings: Settings) -> tuple[nn.Modul
         inject_lora(model, config)
         if row.impl == "ours":
             install_fused_paths(model)
+            fold_gated_mlps(model)  # as the callback does when fit starts: a compiled MLP's op folds no copies
         return model, lambda folder: save_adapter(model, folder) / "adapter_model.safetensors"
 
     from peft import LoraConfig, get_peft_model
