@@ -35,7 +35,7 @@ import contextlib
 import itertools
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -54,6 +54,7 @@ from lora_lightning.functional import (
 )
 from lora_lightning.layers import LoRALinear
 from lora_lightning.modules import canonical_name
+from lora_lightning.triton_support import triton_applies
 
 # The attribute holding what `install_fused_paths` put on a module (`_Installed`).
 _INSTALLED = "_lora_fused_paths"
@@ -351,12 +352,14 @@ class InputProducers:
     whose autograd node keeps its input and which gives the same bits when run again (a probe, on the first call
     per device and dtype: Liger's RMSNorm qualifies, Hugging Face's, which keeps an fp32 copy, does not) has its
     latest output remembered, weakly; a node reading that output, unchanged, keeps the module's input in its
-    place and runs the module again in backward (`functional.InputProducer`)."""
+    place and runs the module again in backward (`functional.InputProducer`): on CUDA, an RMSNorm by structure that
+    gives `norm_triton.rms_norm`'s bits on a probe runs as that one launch instead."""
 
     def __init__(self) -> None:
         self._latest: dict[int, _Produced] = {}  # by id(output)
         self._latest_of: dict[nn.Module, int] = {}
-        self._verdicts: dict[tuple[nn.Module, torch.device, torch.dtype, bool], bool] = {}
+        # how to run each module again, or None where it is no producer (probed once per device, dtype and mode)
+        self._reruns: dict[tuple[nn.Module, torch.device, torch.dtype, bool], Callable | None] = {}
         self._handles: list[Any] = []
 
     def watch(self, modules: list[nn.Module]) -> None:
@@ -367,19 +370,20 @@ class InputProducers:
         latest = self._latest.get(id(x))
         if latest is None:
             return None
-        output, version, module, source, source_version = latest
+        output, version, rerun, source, source_version = latest
         kept = source()
         if output() is not x or x._version != version or kept is None or kept._version != source_version:
             return None
-        return InputProducer(module.forward, kept)
+        return InputProducer(rerun, kept)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Without the latest outputs: weak references, which do not pickle and only matter within a forward."""
-        return {**self.__dict__, "_latest": {}, "_latest_of": {}}
+        """Without the latest outputs (weak references, which do not pickle and only matter within a forward) and
+        the reruns (probed again on the next forward)."""
+        return {**self.__dict__, "_latest": {}, "_latest_of": {}, "_reruns": {}}
 
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling() or len(args) != 1 or not isinstance(output, torch.Tensor):
@@ -390,14 +394,14 @@ class InputProducers:
         if not (output.is_contiguous() and output.storage_offset() == 0):  # as a run in backward gives it
             return
         key = (module, source.device, source.dtype, module.training)
-        verdict = self._verdicts.get(key)
-        if verdict is None:
-            verdict = self._verdicts[key] = _keeps_its_input(module, source)
-        if verdict:
+        if key not in self._reruns:
+            self._reruns[key] = _rerun(module, source)
+        rerun = self._reruns[key]
+        if rerun is not None:
             self._latest.pop(self._latest_of.get(module), None)
             self._latest_of[module] = id(output)
             self._latest[id(output)] = _Produced(
-                weakref.ref(output), output._version, module, weakref.ref(source), source._version
+                weakref.ref(output), output._version, rerun, weakref.ref(source), source._version
             )
 
 
@@ -406,9 +410,55 @@ class _Produced(NamedTuple):
 
     output: weakref.ref
     version: int
-    module: nn.Module
+    rerun: Callable[[torch.Tensor], torch.Tensor]
     source: weakref.ref
     source_version: int
+
+
+def _rerun(module: nn.Module, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How to run ``module`` again on an input like ``like`` in backward: `_RMSNormRerun` where it applies, else the
+    module's forward; ``None`` where the module is no producer (`_keeps_its_input`)."""
+    if not _keeps_its_input(module, like):
+        return None
+    fast = _RMSNormRerun.of(module, like)
+    return module.forward if fast is None else fast
+
+
+class _RMSNormRerun:
+    """A norm run again as `norm_triton.rms_norm`: for a module with a 1-D ``weight`` as wide as its input, a float
+    ``variance_epsilon`` or ``eps`` and a float ``offset`` or none, whose output has that function's bits on a
+    probe (CUDA with Triton only)."""
+
+    def __init__(self, module: nn.Module, eps: float, offset: float) -> None:
+        self.module, self.eps, self.offset = module, eps, offset
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from lora_lightning import norm_triton
+
+        return norm_triton.rms_norm(x, self.module.weight, self.eps, self.offset)
+
+    @classmethod
+    def of(cls, module: nn.Module, like: torch.Tensor) -> _RMSNormRerun | None:
+        weight = getattr(module, "weight", None)
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        offset = getattr(module, "offset", 0.0)
+        if not (
+            triton_applies(like)
+            and isinstance(weight, torch.Tensor)
+            and weight.shape == like.shape[-1:]
+            and weight.device == like.device
+            and all(isinstance(v, float) for v in (eps, offset))
+        ):
+            return None
+        rerun = cls(module, eps, offset)
+        generator = torch.Generator(device=like.device).manual_seed(0)
+        probe = 4 * torch.randn(64, like.shape[-1], generator=generator, device=like.device, dtype=like.dtype)
+        try:
+            with torch.no_grad():
+                same = torch.equal(rerun(probe), module.forward(probe))
+        except Exception:  # a kernel that does not build for this norm: the module runs instead
+            return None
+        return rerun if same else None
 
 
 def _keeps_its_input(module: nn.Module, like: torch.Tensor) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_lightning import LoRAConfig, LoRAFinetuneCallback, adapter_parameters, apply_kernels, inject_lora
-from lora_lightning.fused import install_fused_paths
+from lora_lightning.fused import _rerun, _RMSNormRerun, install_fused_paths
 from tests.helpers.models import LlamaModule, make_trainer, tiny_llama_config, token_data
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -79,6 +79,36 @@ def test_under_liger_the_nodes_keep_the_norms_inputs_instead_of_their_own():
         model(input_ids=tokens, labels=tokens).loss.backward()
     kept = {name for name, out in outputs.items() if out.untyped_storage().data_ptr() in saved}
     assert len(outputs) == 4 and kept == {"model.layers.0.input_layernorm"}
+    reruns = model.__dict__["_lora_fused_paths"].producers._reruns  # run again as one kernel (the next test)
+    assert {type(rerun) for rerun in reruns.values() if rerun is not None} == {_RMSNormRerun}
+
+
+@pytest.mark.parametrize(("width", "offset"), [(256, 0.0), (576, 0.0), (2048, 0.0), (3072, 1.0)])
+def test_the_norm_kernel_gives_liger_s_rmsnorm_bits(width, offset):
+    """The rerun kernel must give the norm's output bit for bit: the node's ``A`` gradients read it as the input."""
+    needs_liger()
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+    from lora_lightning import norm_triton
+
+    norm = LigerRMSNorm(width, offset=offset).to("cuda", torch.bfloat16)
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width, generator=generator, device="cuda"))
+    x = 8 * torch.randn(3, 1001, width, generator=generator, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(norm_triton.rms_norm(x, norm.weight, norm.variance_epsilon, offset), norm(x))
+    assert isinstance(_rerun(norm, x), _RMSNormRerun)
+
+
+def test_a_norm_that_keeps_its_input_with_other_bits_runs_its_own_forward_again():
+    needs_liger()
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+    norm = LigerRMSNorm(256, casting_mode="gemma").to("cuda", torch.bfloat16)  # the weight in fp32 too
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    assert _rerun(norm, x) == norm.forward
 
 
 def test_liger_refuses_an_adapted_head():
