@@ -15,7 +15,8 @@ fallback. The math of each path is in `functional`.
   a `functional.MLPBuffers` (the same values; `remove_fused_paths` gives each its own storage back).
 - **Norm inputs.** A fused node whose input is the latest output of a frozen leaf sibling of its module (a norm)
   whose own autograd node keeps the sibling's input (Liger's RMSNorm does; see `InputProducers`) keeps that input
-  instead of its own and runs the sibling again in backward: the block keeps one activation where it kept two.
+  instead of its own and runs the sibling again in backward (on CUDA, an RMSNorm as one `norm_triton` launch where
+  that gives its bits): the block keeps one activation where it kept two.
 
 A fused path gives way to the layers' own path for any call it does not cover (the checks of
 `LoRALinear.fused_operands`: torch.compile, autocast, DoRA, a quantized or sharded base, a merged or disabled
