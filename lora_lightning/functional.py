@@ -627,7 +627,11 @@ def _gated_mlp_backward_op(
     state.buffers.write_factors(b_g, b_u, a_d, scalings)  # always: whatever a forward wrote in between, or not
     saved = [h_gu, gate, up, h_d, None, None, torch.cat([a_g, a_u]), a_d, b_g, b_u, b_d]
     grad_x, *grads = _mlp_backward(state, _rows(x), saved, _rows(g), (True,) * 7)
-    grads = [grad.to(f.dtype, copy=True) for grad, f in zip(grads, factors, strict=True)]  # no aliases between outputs
+    # contiguous copies: no aliases between outputs, and the fake kernel's strides whatever the factors' layout
+    grads = [
+        grad.to(f.dtype, memory_format=torch.contiguous_format, copy=True)
+        for grad, f in zip(grads, factors, strict=True)
+    ]
     return grad_x.view(x.shape), *grads
 
 
@@ -635,7 +639,7 @@ def _gated_mlp_backward_op(
 def _(g, x, w_g, w_u, w_d, a_g, b_g, a_u, b_u, a_d, b_d, h_gu, gate, up, h_d, scalings):
     n, width = x.numel() // x.shape[-1], x.shape[-1]
     grad_x = x.new_empty(n, width + h_gu.shape[1])[:, :width].view(x.shape)  # a view of [gx | gh], as written
-    return grad_x, *(torch.empty_like(f) for f in (a_g, b_g, a_u, b_u, a_d, b_d))
+    return grad_x, *(f.new_empty(f.shape) for f in (a_g, b_g, a_u, b_u, a_d, b_d))
 
 
 def _op_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

@@ -225,10 +225,14 @@ def test_a_node_given_its_input_s_producer_keeps_the_source_and_gives_the_same_g
         assert torch.equal(g, w)
 
 
-def test_the_gated_mlp_custom_op_is_the_node_with_true_fake_kernels_and_gradients():
+@pytest.mark.parametrize("column_major_b", [False, True])
+def test_the_gated_mlp_custom_op_is_the_node_with_true_fake_kernels_and_gradients(column_major_b):
     """The op that torch.compile keeps whole (`lora_gated_mlp_op`): the eager node's output and gradients, float64
-    gradcheck, and fake kernels that give its outputs' shapes, dtypes and strides (opcheck)."""
+    gradcheck, and fake kernels that give its outputs' shapes, dtypes and strides (opcheck), also for a factor
+    stored column-major (as an SVD slice or `load_state_dict(assign=True)` can leave it)."""
     gate, up = (LinearOperands(*operands(5, 7, 2, 2.0, 0.0, seed=s, bias=False)) for s in (1, 2))
+    if column_major_b:
+        gate = gate._replace(lora_b=gate.lora_b.detach().t().contiguous().t().requires_grad_())
     down = LinearOperands(*operands(7, 5, 3, 1.5, 0.0, seed=3, bias=False))
     x = torch.randn(3, 4, 5, dtype=DTYPE, requires_grad=True)
     inputs = [x, *(t for layer in (gate, up, down) for t in (layer.lora_a, layer.lora_b))]
