@@ -39,6 +39,7 @@ written and read by Triton kernels that apply it as they multiply); no node keep
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -151,6 +152,13 @@ class MLPBuffers:
         buffers = cls._by_storage.get(w_g.data_ptr())
         if buffers is not None and buffers.ranks == ranks and buffers.holds(w_g, w_u, w_d):
             return buffers
+        warnings.warn(
+            "lora_lightning: a gated MLP's weights are not views of folded buffers (not folded yet, or the model was "
+            "moved, cast or copied since), so each call of its custom op folds copies of them: slower, and more "
+            "memory. Call lora_lightning.fold_gated_mlps(model) on the training device before the first compiled "
+            "step (LoRAFinetuneCallback does as fit starts).",
+            stacklevel=2,
+        )
         return cls.fold(w_g, w_u, w_d, *ranks)
 
     @classmethod

@@ -225,6 +225,7 @@ def test_a_node_given_its_input_s_producer_keeps_the_source_and_gives_the_same_g
         assert torch.equal(g, w)
 
 
+@pytest.mark.filterwarnings("ignore:lora_lightning. a gated MLP's weights are not views")  # unfolded on purpose
 @pytest.mark.parametrize("column_major_b", [False, True])
 def test_the_gated_mlp_custom_op_is_the_node_with_true_fake_kernels_and_gradients(column_major_b):
     """The op that torch.compile keeps whole (`lora_gated_mlp_op`): the eager node's output and gradients, float64
