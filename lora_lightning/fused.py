@@ -36,7 +36,7 @@ import contextlib
 import itertools
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -360,7 +360,7 @@ class InputProducers:
         self._latest: dict[int, _Produced] = {}  # by id(output)
         self._latest_of: dict[nn.Module, int] = {}
         # how to run each module again, or None where it is no producer (probed once per device, dtype and mode)
-        self._reruns: dict[tuple[nn.Module, torch.device, torch.dtype, bool], Callable | None] = {}
+        self._reruns: dict[tuple[nn.Module, torch.device, torch.dtype, bool], _Rerun | None] = {}
         self._handles: list[Any] = []
 
     def watch(self, modules: list[nn.Module]) -> None:
@@ -385,6 +385,10 @@ class InputProducers:
         """Without the latest outputs (weak references, which do not pickle and only matter within a forward) and
         the reruns (probed again on the next forward)."""
         return {**self.__dict__, "_latest": {}, "_latest_of": {}, "_reruns": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("_verdicts", None)  # an earlier version's probe results, probed again like the reruns
+        self.__dict__.update({"_reruns": {}, **state})
 
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling() or len(args) != 1 or not isinstance(output, torch.Tensor):
@@ -411,55 +415,78 @@ class _Produced(NamedTuple):
 
     output: weakref.ref
     version: int
-    rerun: Callable[[torch.Tensor], torch.Tensor]
+    rerun: _Rerun
     source: weakref.ref
     source_version: int
 
 
-def _rerun(module: nn.Module, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """How to run ``module`` again on an input like ``like`` in backward: `_RMSNormRerun` where it applies, else the
-    module's forward; ``None`` where the module is no producer (`_keeps_its_input`)."""
-    if not _keeps_its_input(module, like):
-        return None
-    fast = _RMSNormRerun.of(module, like)
-    return module.forward if fast is None else fast
+def _rerun(module: nn.Module, like: torch.Tensor) -> _Rerun | None:
+    """How to run ``module`` again on an input like ``like`` in backward, or ``None`` where it is no producer
+    (`_keeps_its_input`)."""
+    return _Rerun(module, like) if _keeps_its_input(module, like) else None
 
 
-class _RMSNormRerun:
-    """A norm run again as `norm_triton.rms_norm`: for a module with a 1-D ``weight`` as wide as its input, a float
-    ``variance_epsilon`` or ``eps`` and a float ``offset`` or none, whose output has that function's bits on a
-    probe (CUDA with Triton only)."""
+class _Rerun:
+    """A producer run again in backward: as one `norm_triton.rms_norm` launch while the module is as it was when
+    that kernel gave its output's bits on probes (type, forward, weight dtype and plain attributes such as ``eps``,
+    ``offset`` or a casting mode), else by the module's forward as it is then."""
 
-    def __init__(self, module: nn.Module, eps: float, offset: float) -> None:
-        self.module, self.eps, self.offset = module, eps, offset
+    def __init__(self, module: nn.Module, like: torch.Tensor) -> None:
+        self.module = module
+        self.args = _rms_norm_args(module, like)
+        self.probed = None if self.args is None else _state(module)
+        if self.args is not None and not _gives_the_kernel_s_bits(module, like, self.args):
+            self.args = self.probed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from lora_lightning import norm_triton
+        if self.probed is not None and _state(self.module) == self.probed:
+            from lora_lightning import norm_triton
 
-        return norm_triton.rms_norm(x, self.module.weight, self.eps, self.offset)
+            return norm_triton.rms_norm(x, self.module.weight, *self.args)
+        return self.module.forward(x)
 
-    @classmethod
-    def of(cls, module: nn.Module, like: torch.Tensor) -> _RMSNormRerun | None:
-        weight = getattr(module, "weight", None)
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        offset = getattr(module, "offset", 0.0)
-        if not (
-            triton_applies(like)
-            and isinstance(weight, torch.Tensor)
-            and weight.shape == like.shape[-1:]
-            and weight.device == like.device
-            and all(isinstance(v, float) for v in (eps, offset))
-        ):
-            return None
-        rerun = cls(module, eps, offset)
-        generator = torch.Generator(device=like.device).manual_seed(0)
-        probe = 4 * torch.randn(64, like.shape[-1], generator=generator, device=like.device, dtype=like.dtype)
-        try:
-            with torch.no_grad():
-                same = torch.equal(rerun(probe), module.forward(probe))
-        except Exception:  # a kernel that does not build for this norm: the module runs instead
-            return None
-        return rerun if same else None
+
+def _rms_norm_args(module: nn.Module, like: torch.Tensor) -> tuple[float, float] | None:
+    """``(eps, offset)`` of a module with an RMSNorm's structure for inputs like ``like`` (a 1-D ``weight`` as wide
+    on its device, a float ``variance_epsilon`` or ``eps``, a float ``offset`` or none), on CUDA with Triton."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    offset = getattr(module, "offset", 0.0)
+    if not (
+        triton_applies(like)
+        and isinstance(weight, torch.Tensor)
+        and weight.shape == like.shape[-1:]
+        and weight.device == like.device
+        and isinstance(eps, float)
+        and isinstance(offset, float)
+    ):
+        return None
+    return eps, offset
+
+
+def _gives_the_kernel_s_bits(module: nn.Module, like: torch.Tensor, args: tuple[float, float]) -> bool:
+    """Whether ``module``'s output equals `norm_triton.rms_norm`'s bit for bit on probes of 64 rows and, for a norm
+    at most 256 wide, 32768 rows (where an implementation may switch kernels: Liger's reduces rows in blocks)."""
+    from lora_lightning import norm_triton
+
+    width = like.shape[-1]
+    generator = torch.Generator(device=like.device).manual_seed(0)
+    try:
+        with torch.no_grad():
+            for rows in (64, 32768) if width <= 256 else (64,):
+                probe = 4 * torch.randn(rows, width, generator=generator, device=like.device, dtype=like.dtype)
+                if not torch.equal(norm_triton.rms_norm(probe, module.weight, *args), module.forward(probe)):
+                    return False
+    except Exception:  # a kernel that does not build for this norm: the module runs instead
+        return False
+    return True
+
+
+def _state(module: nn.Module) -> tuple:
+    """What a module computes by, as far as a rerun can tell: its type, an instance forward, its weight's dtype
+    and its plain attributes."""
+    plain = {k: v for k, v in vars(module).items() if isinstance(v, bool | int | float | str | type(None))}
+    return type(module), module.__dict__.get("forward"), getattr(getattr(module, "weight", None), "dtype", None), plain
 
 
 def _keeps_its_input(module: nn.Module, like: torch.Tensor) -> bool:

@@ -34,5 +34,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     block = triton.next_power_of_2(k)
     # the warps of Liger-Kernel's RMSNorm at this width, so that the row sums add up in the same order
     warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
-    _rms_norm[(rows.shape[0],)](rows, weight, out, k, eps, offset, BLOCK=block, num_warps=warps)
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        _rms_norm[(rows.shape[0],)](rows, weight, out, k, eps, offset, BLOCK=block, num_warps=warps)
     return out.view(x.shape)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import pickle
+import sys
+import types
 import warnings
 from typing import Any
 
@@ -33,7 +36,7 @@ from lora_lightning.fused import (
     remove_fused_paths,
     restore_fused_wiring,
 )
-from tests.helpers.models import InputKeepingRMSNorm, keep_norm_inputs, make_llama
+from tests.helpers.models import InputKeepingRMSNorm, _rms_norm, keep_norm_inputs, make_llama
 
 
 @pytest.fixture
@@ -177,7 +180,7 @@ def test_a_norm_output_or_input_changed_in_place_is_no_longer_produced_by_it():
     x = norm(hidden)
     producer = producers.of(x)
     assert producer is not None and producer.source is hidden and torch.equal(producer.fn(producer.source), x)
-    assert producer.fn == norm.forward  # the module runs again (the one-launch RMSNorm is for CUDA)
+    assert producer.fn.probed is None  # on the CPU the module's forward runs again (the kernel is CUDA's)
     assert producers.of(x.clone()) is None
     x.mul_(2.0)
     assert producers.of(x) is None
@@ -186,6 +189,62 @@ def test_a_norm_output_or_input_changed_in_place_is_no_longer_produced_by_it():
     assert producers.of(x) is None
     producers.remove()
     assert producers.of(norm(hidden)) is None
+
+
+@pytest.fixture
+def stand_in_norm_kernel(monkeypatch):
+    """`norm_triton.rms_norm` on the CPU: the helper norm's own math (so the probes pass), counting its calls."""
+    calls = []
+
+    def rms_norm(x, weight, eps, offset=0.0):
+        calls.append(x.shape)
+        return _rms_norm(x, weight + offset, eps)
+
+    monkeypatch.setitem(sys.modules, "lora_lightning.norm_triton", types.SimpleNamespace(rms_norm=rms_norm))
+    monkeypatch.setattr(fused, "triton_applies", lambda t: True)
+    return calls
+
+
+def test_a_norm_reruns_as_the_kernel_only_while_it_is_as_probed(stand_in_norm_kernel):
+    norm = InputKeepingRMSNorm(torch.randn(8), 1e-6)
+    producers = fused.InputProducers()
+    producers.watch([norm])
+    hidden = torch.randn(3, 8, requires_grad=True)
+    x = norm(hidden)
+    rerun = producers.of(x).fn
+    assert stand_in_norm_kernel == [(64, 8), (32768, 8)]  # probed at the row counts where kernels may differ
+    assert torch.equal(rerun(hidden), x) and len(stand_in_norm_kernel) == 3  # the kernel ran
+    norm.eps = 0.5  # the kernel would use the probed eps: the module's forward runs instead
+    assert torch.equal(rerun(hidden), norm(hidden)) and len(stand_in_norm_kernel) == 3
+    norm.eps = 1e-6
+    norm.forward = lambda h: 2 * InputKeepingRMSNorm.forward(norm, h)  # patched after the probe
+    assert torch.equal(rerun(hidden), 2 * x) and len(stand_in_norm_kernel) == 3
+
+
+def test_a_norm_with_other_bits_than_the_kernel_reruns_its_own_forward(stand_in_norm_kernel):
+    norm = InputKeepingRMSNorm(torch.randn(8), 1e-6)
+    norm.offset = 1.0  # the kernel adds it to the weight, the module does not: the probe's bits differ
+    rerun = fused._rerun(norm, torch.randn(3, 8))
+    assert rerun.probed is None and torch.equal(rerun(torch.ones(2, 8)), norm(torch.ones(2, 8)))
+    assert len(stand_in_norm_kernel) == 1  # one probe told
+
+
+def test_producers_pickled_by_an_earlier_version_load_and_probe_again(monkeypatch):
+    norm = InputKeepingRMSNorm(torch.ones(8), 1e-6)
+    fused.InputProducers().watch([norm])
+    earlier = fused.InputProducers.__getstate__
+
+    def as_before(self):  # the version before this one pickled its probe results as `_verdicts`
+        state = earlier(self)
+        del state["_reruns"]
+        return {**state, "_verdicts": {}}
+
+    monkeypatch.setattr(fused.InputProducers, "__getstate__", as_before)
+    loaded = pickle.loads(pickle.dumps(norm))
+    monkeypatch.undo()
+    producers = next(iter(loaded._forward_hooks.values())).__self__
+    hidden = torch.randn(3, 8, requires_grad=True)
+    assert producers.of(loaded(hidden)) is not None and not hasattr(producers, "_verdicts")
 
 
 def test_a_model_whose_nodes_keep_norm_inputs_pickles_whole_and_trains_on():
