@@ -432,11 +432,10 @@ class _Rerun:
     ``offset`` or a casting mode), else by the module's forward as it is then."""
 
     def __init__(self, module: nn.Module, like: torch.Tensor) -> None:
-        self.module = module
-        self.args = _rms_norm_args(module, like)
-        self.probed = None if self.args is None else _state(module)
-        if self.args is not None and not _gives_the_kernel_s_bits(module, like, self.args):
-            self.args = self.probed = None
+        args = _rms_norm_args(module, like)
+        matches = args is not None and _gives_the_kernel_s_bits(module, like, args)
+        self.module, self.args = module, args
+        self.probed = _state(module) if matches else None  # the module's state when the probes passed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.probed is not None and _state(self.module) == self.probed:
