@@ -20,11 +20,13 @@ fallback. The math of each path is in `functional`.
 
 A fused path gives way to the layers' own path for any call it does not cover (the checks of
 `LoRALinear.fused_operands`: torch.compile, autocast, DoRA, a quantized or sharded base, a merged or disabled
-adapter). Traced by torch.compile, a gated MLP with a SiLU gate, bias-free layers and no dropout runs as one
-custom op (`functional.lora_gated_mlp_op`: the node's math and kernels, which Inductor keeps whole), on the weights
-that `fold_gated_mlps` folded; another gated MLP runs its module's forward under selective checkpointing that recomputes
-elementwise results other than sums in backward. Either way it keeps ``G`` and ``U`` but not ``act(G) * U``:
-Inductor's partitioner keeps down's input otherwise, because the adapter's gradient multiplies it.
+adapter), and a gated MLP whose layers FSDP manages runs its layers' own nodes (folding would keep a whole copy of
+the weights that FSDP gathers for each forward, on every rank). Traced by torch.compile, a gated MLP with a SiLU
+gate, bias-free layers and no dropout runs as one custom op (`functional.lora_gated_mlp_op`: the node's math and
+kernels, which Inductor keeps whole), on the weights that `fold_gated_mlps` folded; another gated MLP runs its
+module's forward under selective checkpointing that recomputes elementwise results other than sums in backward.
+Either way it keeps ``G`` and ``U`` but not ``act(G) * U``: Inductor's partitioner keeps down's input otherwise,
+because the adapter's gradient multiplies it.
 
 Dropout draws one mask per shared input where PEFT draws one per adapter: each adapter's mask has PEFT's
 distribution, but the adapters of one input see the same mask in a step (they are correlated).
@@ -80,7 +82,7 @@ class FusionReport:
             f"that get the same tensor (seen in the first forward) of {_summary(self.shared_input_parents)}. "
             f"Not fused: {not_fused}. Under torch.compile a gated MLP with a SiLU gate runs as one custom op and "
             "the other layers run their modules (a compiled gated MLP recomputes act(gate) * up in backward); under "
-            "autocast every layer runs its modules"
+            "autocast every layer runs its modules, and under FSDP a gated MLP runs its layers' own nodes"
         )
 
 
@@ -126,7 +128,8 @@ def fold_gated_mlps(model: nn.Module) -> None:
     """Fold each fused gated MLP's frozen weights into its buffers now, as its first eager call would, where they
     are plain 2-D tensors (not sharded): a compiled MLP's custom op then runs on them instead of folding copies per
     call. Call it on the training device, before the first compiled step (`LoRAFinetuneCallback` does, as fit
-    starts)."""
+    starts); under FSDP2 after ``fully_shard`` (which refuses the folded weights: they are not contiguous), where it
+    leaves the sharded MLPs to their layers' own nodes."""
     for module in model.modules():
         installed = module.__dict__.get(_INSTALLED)
         if installed is not None and installed.mlp is not None:
@@ -545,13 +548,15 @@ class _GatedMLP:
         if any(o is None for o in operands) or operands[0].dropout != operands[1].dropout:
             return None
         buffers = self._folded(operands)
+        if buffers is None:
+            return None
         return lora_gated_mlp(x, self.act, *operands, self.elementwise, buffers, self.producers.of(x))
 
     def run_traced(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Under torch.compile: the custom op (`functional.lora_gated_mlp_op`) for a SiLU gate with bias-free layers
         and no dropout, else ``None`` (with dropout the module path runs, whose masks Inductor draws: activation
         checkpointing in the compiled graph draws them again the same, where an opaque op would draw others)."""
-        if self.elementwise != "silu" or not self._in_place(module):
+        if self.elementwise != "silu" or not self._in_place(module) or self._managed_by_fsdp():
             return None
         operands = [layer.fused_operands(x, traced=True) for layer in self.layers]
         if any(o is None or o.bias is not None or o.dropout for o in operands):
@@ -568,16 +573,24 @@ class _GatedMLP:
         if all(o is not None for o in operands):
             self._folded(operands)
 
+    def _managed_by_fsdp(self) -> bool:
+        """Whether FSDP (2, or 1 with original parameters) manages the layers: it marks each module it manages."""
+        return any(layer.base_layer.__dict__.get("_is_fsdp_managed_module") for layer in self.layers)
+
     def _in_place(self, module: nn.Module) -> bool:
         """Whether ``module``'s children are still the layers seen at install."""
         return all(getattr(module, role) is layer for role, layer in zip(self.roles, self.layers, strict=True))
 
-    def _folded(self, operands: list[LinearOperands]) -> MLPBuffers:
+    def _folded(self, operands: list[LinearOperands]) -> MLPBuffers | None:
         """The buffers the layers' weights are views of, folded anew where they are not (the first run, another
-        rank, a weight replaced or moved)."""
+        rank, a weight replaced or moved); ``None`` where FSDP manages the layers: the weights it gathers for a
+        forward are its own, and a folded copy would stay whole on every rank."""
         weights = [o.weight for o in operands]
         ranks = tuple(o.lora_a.shape[0] for o in operands)
         if self.buffers is None or self.buffers.ranks != ranks or not self.buffers.holds(*weights):
+            if self._managed_by_fsdp():
+                self.buffers = None
+                return None
             with torch.no_grad(), torch.inference_mode(False):
                 self.buffers = MLPBuffers.fold(*weights, *ranks)
                 for weight, view in zip(weights, self.buffers.weights(), strict=True):

@@ -761,6 +761,37 @@ def test_fold_gated_mlps_leaves_sharded_weights_alone():
     assert MLPBuffers._by_storage.get(model.model.layers[0].mlp.up_proj.base_layer.weight.data_ptr()) is None
 
 
+def test_an_mlp_that_fsdp2_manages_runs_its_layers_own_nodes_and_folds_nothing(monkeypatch):
+    """FSDP2 gathers an MLP's weights for each forward into memory of its own: folding them would keep a whole copy
+    on every rank (and point FSDP's gathered parameters at it). In the callback's order (install, shard, fold as fit
+    starts), with a one-rank gloo group standing in for FSDP2, nothing is folded and the gradients are the
+    unsharded model's."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model, reference = adapted_llama(), adapted_llama()
+    install_fused_paths(model)
+    install_fused_paths(reference)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        with monkeypatch.context() as patch:
+            patch.setattr(MLPBuffers, "fold", lambda *args: pytest.fail("folded an MLP that FSDP manages"))
+            fold_gated_mlps(model)
+            losses, grads = step_grads(model)
+        assert all(layer.mlp.__dict__["_lora_fused_paths"].mlp.buffers is None for layer in model.model.layers)
+        want_losses, want_grads = step_grads(reference)
+        assert losses == pytest.approx(want_losses, rel=1e-6)
+        for got, want in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(got.full_tensor(), want, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_layer_added_as_a_lone_child_is_reported():
     model = nn.Sequential(nn.Linear(4, 4))
     inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))
