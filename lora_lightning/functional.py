@@ -681,3 +681,27 @@ def lora_gated_mlp_op(x: torch.Tensor, gate: LinearOperands, up: LinearOperands,
     return _gated_mlp_op(x, gate.weight, up.weight, down.weight, *factors, [float(layer.scaling) for layer in layers])[
         0
     ]
+
+
+# ------------------------------------------------------------------------------------------------------ traced
+
+# Under torch.compile, siblings that read one ``x`` share ``h = d(x) [A_1; ...; A_n]^T`` (one mask, one GEMM) as
+# plain operations, whose backward Inductor derives: ``[gA_1; ...] = [gh_1 | ...]^T d(x)`` and ``d'([gh_1 | ...]
+# [A_1; ...])`` are one GEMM each, as in `lora_shared_input`. Each layer adds ``s_i h_i B_i^T`` to its base output.
+
+
+def shared_factor_products(x: torch.Tensor, layers: Sequence[LinearOperands]) -> tuple[torch.Tensor, ...]:
+    """``(h_1, ..., h_n)``, ``h_i = d(x) A_i^T`` with one dropout mask and one GEMM; the layers share one dropout
+    probability."""
+    p = _one_dropout(layers)
+    dropped = F.dropout(x, p) if p else x
+    h = F.linear(dropped, torch.cat([layer.lora_a for layer in layers]))
+    return h.split([layer.lora_a.shape[0] for layer in layers], dim=-1)
+
+
+def linear_with_factor_product(x: torch.Tensor, layer: LinearOperands, h: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b + s h B^T`` for ``h`` from `shared_factor_products`, the update scaled before it is added into the
+    base output, as the module path adds it (`LoRALinear._add_update`)."""
+    out = F.linear(x, layer.weight, layer.bias)
+    out.view(-1, out.shape[-1]).addmm_((h * layer.scaling).reshape(-1, h.shape[-1]), layer.lora_b.t())
+    return out

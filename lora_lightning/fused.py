@@ -26,7 +26,10 @@ gate, bias-free layers and no dropout runs as one custom op (`functional.lora_ga
 kernels, which Inductor keeps whole), on the weights that `fold_gated_mlps` folded; another gated MLP runs its
 module's forward under selective checkpointing that recomputes elementwise results other than sums in backward.
 Either way it keeps ``G`` and ``U`` but not ``act(G) * U``: Inductor's partitioner keeps down's input otherwise,
-because the adapter's gradient multiplies it.
+because the adapter's gradient multiplies it. Traced siblings that get one tensor share ``h = d(x) [A_1; ...]^T``
+as plain operations (`SharedInputGroup.run_traced`); the tensor carries the others' shares from the first call to
+theirs, so that neither sets nor clears state outside the traced region (activation checkpointing allows none).
+Unlike the eager node, the traced path does not see an in-place change of the tensor between the siblings' calls.
 
 Dropout draws one mask per shared input where PEFT draws one per adapter: each adapter's mask has PEFT's
 distribution, but the adapters of one input see the same mask in a step (they are correlated).
@@ -51,9 +54,11 @@ from lora_lightning.functional import (
     InputProducer,
     LinearOperands,
     MLPBuffers,
+    linear_with_factor_product,
     lora_gated_mlp,
     lora_gated_mlp_op,
     lora_shared_input,
+    shared_factor_products,
 )
 from lora_lightning.layers import LoRALinear
 from lora_lightning.modules import canonical_name
@@ -62,6 +67,8 @@ from lora_lightning.triton_support import triton_applies
 # The attribute holding what `install_fused_paths` put on a module (`_Installed`).
 _INSTALLED = "_lora_fused_paths"
 WIRING_KEY = "lora_fused_wiring"  # the checkpoint key of `fused_wiring`
+# The attribute of a compiled forward's tensor holding the siblings' shares of ``h`` (`SharedInputGroup.run_traced`).
+_SHARED_PRODUCTS = "_lora_shared_factor_products"
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,10 @@ class FusionReport:
         return (
             f"LoRA fused paths: gated MLP node on {_summary(self.gated_mlps)}; shared-input node for the children "
             f"that get the same tensor (seen in the first forward) of {_summary(self.shared_input_parents)}. "
-            f"Not fused: {not_fused}. Under torch.compile a gated MLP with a SiLU gate runs as one custom op and "
-            "the other layers run their modules (a compiled gated MLP recomputes act(gate) * up in backward); under "
-            "autocast every layer runs its modules, and under FSDP a gated MLP runs its layers' own nodes"
+            f"Not fused: {not_fused}. Under torch.compile a gated MLP with a SiLU gate runs as one custom op, "
+            "siblings that get one tensor share one A product, and the other layers run their modules (a compiled "
+            "gated MLP recomputes act(gate) * up in backward); under autocast every layer runs its modules, and "
+            "under FSDP a gated MLP runs its layers' own nodes"
         )
 
 
@@ -243,6 +251,32 @@ class SharedInputGroup:
         out = outputs.pop(layer)
         self._pending[siblings] = (x, _version(x), outputs)
         return out
+
+    def run_traced(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
+        """Under torch.compile: ``layer``'s output on ``x`` with its ``h`` from `functional.shared_factor_products`
+        over the siblings, which the first of them to be called on ``x`` computes and leaves on ``x`` (an attribute
+        of the tensor, which Dynamo traces, also inside activation checkpointing) for the others; ``None`` for the
+        module path. The siblings are those the first eager forward saw share their input, else every member of
+        the group (a member later called on another tensor computes its own ``h``; its share of the first is
+        unused)."""
+        shared = getattr(x, _SHARED_PRODUCTS, None)
+        products = None if shared is None else shared.get(self)
+        operands = layer.fused_operands(x, traced=True)
+        if operands is None:
+            return None
+        if products is None or layer not in products:
+            sets = self._settled if self.sets is None else self.sets  # what an eager forward saw, if one ran
+            siblings = self.names if sets is None else sets.get(layer, ())
+            together = {s: operands if s is layer else s.fused_operands(x, traced=True) for s in siblings}
+            together = {s: o for s, o in together.items() if o is not None and o.dropout == operands.dropout}
+            if len(together) < 2 or layer not in together:
+                return None
+            products = dict(zip(together, shared_factor_products(x, list(together.values())), strict=True))
+            if shared is None:
+                shared = {}
+                setattr(x, _SHARED_PRODUCTS, shared)
+            shared[self] = products
+        return linear_with_factor_product(x, operands, products.pop(layer))
 
     def settle(self, sets: dict[LoRALinear, tuple[LoRALinear, ...]]) -> None:
         """Take ``sets`` as what the first forward saw, in effect at once."""

@@ -29,7 +29,8 @@ class LoRALinear(LoRALayer):
     In eager training of a plain frozen ``nn.Linear`` in ``x``'s dtype without DoRA or ``lora_bias``, the layer runs
     `functional.lora_linear` (one autograd node that saves only ``x`` and ``x A^T``), or its share of a node over
     the siblings that read the same input (``input_group``, set by `fused.install_fused_paths`); under
-    ``torch.compile``, autocast, DoRA or another base it runs the modules (Inductor fuses those better).
+    ``torch.compile`` its share of the siblings' one ``A`` product, else its modules (Inductor fuses those better),
+    as under autocast, DoRA or another base.
     """
 
     # Set by `fused.install_fused_paths`: the siblings this layer may share its input node with.
@@ -101,8 +102,8 @@ class LoRALinear(LoRALayer):
         or ``None`` where they do not apply: the adapter is not the one running (merged, disabled, inactive, one
         adapter per sample), DoRA, ``lora_bias``, a base other than a plain frozen ``nn.Linear`` (4-bit, Conv1D,
         sharded), ``x`` or adapters of another dtype than the base, autocast, a device other than CPU/CUDA, or
-        ``torch.compile`` tracing (Inductor fuses the modules better) unless ``traced`` (for a custom op that the
-        compiled graph keeps whole)."""
+        ``torch.compile`` tracing unless ``traced`` (for the compiled paths: a custom op that the compiled graph
+        keeps whole, the siblings' shared ``A`` product)."""
         # Called for every adapted layer in every step: the checks read the module dicts directly rather than
         # through nn.Module.__getattr__, and the cheapest come first.
         active = self.active_adapter
@@ -153,9 +154,11 @@ class LoRALinear(LoRALayer):
         return out
 
     def _fused_forward(self, x: torch.Tensor, name: str, *args: object, **kwargs: object) -> torch.Tensor | None:
-        if args or kwargs or torch.compiler.is_compiling():
+        if args or kwargs:
             return None
         group = self.input_group  # siblings reading the same input (`fused.install_fused_paths`)
+        if torch.compiler.is_compiling():
+            return group.run_traced(self, x) if group is not None and name == self.active_adapter else None
         if group is not None and name == self.active_adapter:
             out = group.take(self, x)  # computed when a sibling was called on x
             if out is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lora_lightning import (
     AdapterSpec,
@@ -600,7 +601,7 @@ def test_gradient_checkpointing_keeps_the_fused_gradients(dropout, norms):
 
 
 @pytest.mark.slow
-def test_a_fused_decoder_block_compiles_fullgraph_on_the_module_path():
+def test_a_fused_decoder_block_compiles_fullgraph():
     model = adapted_llama()
     install_fused_paths(model)
     step_grads(model)  # the first forward settles the shared inputs
@@ -724,6 +725,74 @@ def test_a_compiled_mlp_with_dropout_runs_its_module():
     assert torch.ops.lora_lightning.gated_mlp.default not in graph_ops(mlp, x)
     torch.compile(mlp, fullgraph=True)(x).sum().backward()
     assert mlp.down_proj.lora_A["default"].weight.grad is not None
+
+
+def count_shared_products(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of layers in each `functional.shared_factor_products` call that a trace makes (from a fresh start:
+    earlier tests' compiles count towards Dynamo's recompile limit, past which it runs the model eagerly)."""
+    torch._dynamo.reset()
+    sizes: list[int] = []
+    original = fused.shared_factor_products
+
+    def counted(x: torch.Tensor, layers: list) -> tuple[torch.Tensor, ...]:
+        sizes.append(len(layers))
+        return original(x, layers)
+
+    monkeypatch.setattr(fused, "shared_factor_products", counted)
+    return sizes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["compiled", "eager"])
+def test_compiled_siblings_share_one_factor_product_with_the_eager_gradients(first, monkeypatch):
+    """Compiled from the first forward, q/k/v share the product their first call makes, and o_proj (another tensor)
+    makes its own over every member; after an eager forward saw the wiring, only q/k/v take part. The gradients are
+    the per-layer path's either way."""
+    model = adapted_llama()
+    _, want = step_grads(copy.deepcopy(model), steps=1)
+    install_fused_paths(model)
+    fold_gated_mlps(model)
+    if first == "eager":
+        step_grads(model, steps=1)
+        model.zero_grad(set_to_none=True)
+    sizes = count_shared_products(monkeypatch)
+    loss = torch.compile(model, fullgraph=True)(input_ids=TOKENS, labels=TOKENS).loss  # any graph break raises
+    loss.backward()
+    assert sizes == ([4, 4] if first == "compiled" else [3]) * len(model.model.layers)
+    got = [model.get_input_embeddings().weight.grad, *(p.grad for p in adapter_parameters(model))]
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_siblings_share_their_product_inside_activation_checkpointing():
+    """Dynamo refuses state changed outside a checkpointed region (it would raise here); the shares travel on the
+    tensor instead. The checkpointed graph splits one product of the three A factors."""
+    model = adapted_llama()
+    install_fused_paths(model)
+    step_grads(model, steps=1)  # the wiring: q/k/v share
+    model.zero_grad(set_to_none=True)
+    layer = model.model.layers[0]
+    hidden = torch.randn(2, 5, 32, requires_grad=True)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    params = [hidden, *(p for p in layer.parameters() if p.requires_grad)]
+    want = torch.autograd.grad(layer(hidden, position_embeddings=position_embeddings).square().sum(), params)
+    splits: list[torch.fx.Node] = []
+
+    def recording(graph: torch.fx.GraphModule, example_inputs: list) -> Any:
+        for module in graph.modules():  # the checkpointed region is a submodule
+            if isinstance(module, torch.fx.GraphModule):
+                splits.extend(n for n in module.graph.nodes if n.op == "call_method" and n.target == "split")
+        return graph.forward
+
+    def checkpointed(x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(layer, x, position_embeddings=position_embeddings, use_reentrant=False)
+
+    out = torch.compile(checkpointed, fullgraph=True, backend=recording)(hidden)
+    got = torch.autograd.grad(out.square().sum(), params)
+    assert [n.args[1] for n in splits] == [[4, 4, 4]]  # h = x [A_q; A_k; A_v]^T, split by rank
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_fold_gated_mlps_makes_the_weights_views_of_the_buffers_again_after_a_move():
