@@ -1,0 +1,227 @@
+"""Where the GPU waits on the host in a training step: the benchmark's rows, each step synchronised as the
+benchmark times it.
+
+For each row (``benchmarks.benchmark``'s names, e.g. ``ours:eager:liger``) this builds the row's model in this
+process, warms it up, then
+
+- **host**: times, without the profiler, when the host returns from forward, backward and the optimizer step, and
+  how long the device still works after that (mean of the middle steps). A host far ahead of the device waits for
+  room in the launch queue, so a long host phase may be the device's pace: the idle split says who waited;
+- **device idle**: profiles a few steps (CUDA kernels) and splits each step's wall time into the union of kernel
+  time and idle gaps; each gap is put on the host phase (forward, backward, optimizer) that was running when the
+  kernel ending it started: the host was late to launch it. ``before`` is the gap at the start of a step (the
+  host's work before the first kernel: Python, ``torch.compile``'s guards).
+
+Writes ``idle.json`` and ``idle.md`` to ``--out``. Rows share this process (compile caches too): for step times
+use ``benchmarks.benchmark``. On CPU there are no kernels: only the host split. Example (one H200)::
+
+    python -m benchmarks.idle --shape llama-1b --configs frozen:eager:liger ours:eager:liger --out outputs/idle
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.benchmark import parse_args as benchmark_args
+from benchmarks.benchmark import settings_from_args
+from benchmarks.environment import environment
+from benchmarks.memory import resolve_device
+from benchmarks.rows import Settings, attach, enable_checkpointing, make_optimizer, parse_row
+from benchmarks.timing import synchronize
+
+PHASES = ("forward", "backward", "optimizer")
+_PHASE = "idle_phase::"
+_STEP = "idle_step"
+
+
+def idle_by_phase(
+    kernels: Sequence[tuple[float, float]],
+    phases: Sequence[tuple[float, float, str]],
+    steps: Sequence[tuple[float, float]],
+) -> dict[str, Any]:
+    """Per step (means over ``steps``, ``(start, end)``): wall (step start to its last kernel's end), the union of
+    ``kernels`` (``(start, end)``) and the idle gaps by the phase (``(start, end, name)``) running when the kernel
+    after the gap started (``before`` for the gap before the first kernel, ``other`` outside every phase). Times in
+    the unit given, results in the same unit."""
+    totals: dict[str, float] = {"wall": 0.0, "busy": 0.0}
+    idle: dict[str, float] = {}
+    for start, end in steps:
+        inside = sorted((a, b) for a, b in kernels if start <= a <= end)
+        if not inside:
+            continue
+        busy_until = start
+        for a, b in inside:
+            if a > busy_until:
+                where = "before" if busy_until == start else _phase_at(a, phases)
+                idle[where] = idle.get(where, 0.0) + a - busy_until
+            totals["busy"] += max(0.0, b - max(a, busy_until))
+            busy_until = max(busy_until, b)
+        totals["wall"] += busy_until - start
+    n = max(1, sum(1 for start, end in steps if any(start <= a <= end for a, _ in kernels)))
+    return {
+        "wall": totals["wall"] / n,
+        "busy": totals["busy"] / n,
+        "idle": sum(idle.values()) / n,
+        "idle_by_phase": {k: v / n for k, v in sorted(idle.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def trace_intervals(events: Sequence[dict[str, Any]]) -> tuple[list, list, list]:
+    """``(kernels, phases, steps)`` for `idle_by_phase` from a Chrome trace's events (microseconds): every kernel,
+    copy and memset on the device, and the host ranges this module opens."""
+    spans = [e for e in events if e.get("ph") == "X"]
+    kernels = [(e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    host = [e for e in spans if e.get("cat") == "user_annotation"]
+    phases = [
+        (e["ts"], e["ts"] + e["dur"], e["name"].removeprefix(_PHASE)) for e in host if e["name"].startswith(_PHASE)
+    ]
+    steps = [(e["ts"], e["ts"] + e["dur"]) for e in host if e["name"] == _STEP]
+    return kernels, phases, steps
+
+
+def _phase_at(t: float, phases: Sequence[tuple[float, float, str]]) -> str:
+    return next((name for a, b, name in phases if a <= t <= b), "other")
+
+
+def measure_row(name: str, settings: Settings, device: torch.device, host_steps: int, profile_steps: int) -> dict:
+    """Host split and device idle of row ``name``."""
+    row = parse_row(name)
+    if row.kernels == "liger":
+        importlib.import_module("liger_kernel.transformers")
+    model = settings.build_model(device)
+    if row.checkpointing:
+        enable_checkpointing(model)
+    net, _ = attach(row, model, settings)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer, _ = make_optimizer(params, settings.lr)
+    step_net = torch.compile(net) if row.mode == "compile" else net
+    tokens = settings.tokens(device)
+
+    def step(mark: Callable[[str], None]) -> None:
+        with torch.profiler.record_function(_PHASE + "forward"):
+            loss = step_net(input_ids=tokens, labels=tokens, use_cache=False).loss
+        mark("forward")
+        with torch.profiler.record_function(_PHASE + "backward"):
+            loss.backward()
+        mark("backward")
+        if optimizer is not None:
+            with torch.profiler.record_function(_PHASE + "optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        mark("optimizer")
+
+    for _ in range(settings.warmup):
+        step(lambda _: None)
+    synchronize(device)
+    record: dict[str, Any] = {"name": name, "host_ms": host_split(step, device, host_steps)}
+    record["device_ms"] = None
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(profile_steps):
+                with torch.profiler.record_function(_STEP):
+                    step(lambda _: None)
+                    synchronize(device)
+        with tempfile.TemporaryDirectory(prefix="idle-") as tmp:
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            result = idle_by_phase(*trace_intervals(json.loads(trace.read_text())["traceEvents"]))
+        record["device_ms"] = {
+            "wall": result["wall"] / 1e3,
+            "busy": result["busy"] / 1e3,
+            "idle": result["idle"] / 1e3,
+            "idle_by_phase": {k: v / 1e3 for k, v in result["idle_by_phase"].items()},
+        }
+    return record
+
+
+def host_split(step: Callable[[Callable[[str], None]], None], device: torch.device, steps: int) -> dict[str, float]:
+    """Host milliseconds of forward, backward and the optimizer step, and the device's work left after them
+    (``device_after``), the means of the middle steps (a quarter of the fastest and slowest left out)."""
+    samples = []
+    for _ in range(steps):
+        marks = {"start": time.perf_counter()}
+        step(lambda phase, marks=marks: marks.__setitem__(phase, time.perf_counter()))
+        synchronize(device)
+        marks["end"] = time.perf_counter()
+        samples.append(marks)
+    samples.sort(key=lambda m: m["end"] - m["start"])
+    middle = samples[len(samples) // 4 : len(samples) - len(samples) // 4] or samples
+    order = ("start", *PHASES, "end")
+    names = (*PHASES, "device_after")
+    return {
+        n: 1e3 * sum(m[b] - m[a] for m in middle) / len(middle)
+        for n, a, b in zip(names, order[:-1], order[1:], strict=True)
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        f"# Where the GPU waits on the host: `{report['settings']['shape']}` shape",
+        "",
+        f"- **device**: {env['device']}; torch {env['torch']}; lora_lightning sources {env['lora_lightning_sha256']}",
+        f"- **batch**: {report['settings']['batch_size']} x {report['settings']['seq_len']} tokens; host: means of the "
+        "middle steps, no profiler; device: profiled steps, synchronised each",
+        "",
+        "| row | host forward | host backward | host optimizer | device after host | step (profiled) | GPU busy "
+        "| GPU idle | idle by phase |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["rows"]:
+        h, d = r["host_ms"], r["device_ms"]
+        device = ["-"] * 4 if d is None else [f"{d['wall']:.1f}", f"{d['busy']:.1f}", f"{d['idle']:.1f}"]
+        if d is not None:
+            device.append(", ".join(f"{k} {v:.2f}" for k, v in d["idle_by_phase"].items()) or "none")
+        lines.append(
+            f"| {r['name']} | {h['forward']:.1f} | {h['backward']:.1f} | {h['optimizer']:.1f} | "
+            f"{h['device_after']:.1f} | " + " | ".join(device) + " |"
+        )
+    lines += ["", "All times in ms per step."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", required=True, help="benchmark row names, e.g. ours:eager:liger")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--host-steps", type=int, default=12)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    args, rest = parser.parse_known_args(argv)  # the rest: benchmark.py's model and batch options
+    settings = settings_from_args(benchmark_args(rest))
+    device = resolve_device(settings.device)
+    rows = []
+    for name in args.configs:
+        try:
+            parse_row(name)
+        except ValueError as err:
+            parser.error(str(err))
+    for name in args.configs:
+        rows.append(measure_row(name, settings, device, args.host_steps, args.profile_steps))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report = {"environment": environment(device), "settings": asdict(settings), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "idle.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = render_markdown(report)
+    (args.out / "idle.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
