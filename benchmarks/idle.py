@@ -1,8 +1,8 @@
 """Where the GPU waits on the host in a training step: the benchmark's rows, each step synchronised as the
 benchmark times it.
 
-For each row (``benchmarks.benchmark``'s names, e.g. ``ours:eager:liger``) this builds the row's model in this
-process, warms it up, then
+For each row (``benchmarks.benchmark``'s names, e.g. ``ours:eager:liger``) this builds the row's model, warms it
+up, then
 
 - **host**: times, without the profiler, when the host returns from forward, backward and the optimizer step, and
   how long the device still works after that (mean of the middle steps). A host far ahead of the device waits for
@@ -12,8 +12,9 @@ process, warms it up, then
   kernel ending it started: the host was late to launch it. ``before`` is the gap at the start of a step (the
   host's work before the first kernel: Python, ``torch.compile``'s guards).
 
-Writes ``idle.json`` and ``idle.md`` to ``--out``. Rows share this process (compile caches too): for step times
-use ``benchmarks.benchmark``. On CPU there are no kernels: only the host split. Example (one H200)::
+Writes ``idle.json`` and ``idle.md`` to ``--out``. Each row runs in a process of its own, as in the benchmark
+(whose step times these are not: the profiled steps carry the profiler's cost). On CPU there are no kernels: only
+the host split. Example (one H200)::
 
     python -m benchmarks.idle --shape llama-1b --configs frozen:eager:liger ours:eager:liger --out outputs/idle
 """
@@ -21,9 +22,9 @@ use ``benchmarks.benchmark``. On CPU there are no kernels: only the host split. 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ import torch
 
 from benchmarks.benchmark import parse_args as benchmark_args
 from benchmarks.benchmark import settings_from_args
-from benchmarks.environment import environment
+from benchmarks.environment import REPO_ROOT, environment
 from benchmarks.memory import resolve_device
 from benchmarks.rows import Settings, attach, enable_checkpointing, make_optimizer, parse_row
 from benchmarks.timing import synchronize
@@ -196,24 +197,27 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", required=True, help="benchmark row names, e.g. ours:eager:liger")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--configs", nargs="+", default=[], help="benchmark row names, e.g. ours:eager:liger")
+    parser.add_argument("--out", type=Path, help="folder for idle.json and idle.md")
     parser.add_argument("--host-steps", type=int, default=12)
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)  # internal: one row, in this process
     args, rest = parser.parse_known_args(argv)  # the rest: benchmark.py's model and batch options
     settings = settings_from_args(benchmark_args(rest))
     device = resolve_device(settings.device)
-    rows = []
     for name in args.configs:
         try:
             parse_row(name)
         except ValueError as err:
             parser.error(str(err))
-    for name in args.configs:
-        rows.append(measure_row(name, settings, device, args.host_steps, args.profile_steps))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    if args.row_out is not None:
+        record = measure_row(args.configs[0], settings, device, args.host_steps, args.profile_steps)
+        args.row_out.write_text(json.dumps(record))
+        return 0
+    if not args.configs or args.out is None:
+        parser.error("give --configs and --out")
+    steps = [f"--host-steps={args.host_steps}", f"--profile-steps={args.profile_steps}"]
+    rows = [_row_in_subprocess(name, [*steps, *settings.cli_args()]) for name in args.configs]
     report = {"environment": environment(device), "settings": asdict(settings), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "idle.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -221,6 +225,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "idle.md").write_text(markdown)
     print(markdown)
     return 0
+
+
+def _row_in_subprocess(name: str, options: list[str]) -> dict[str, Any]:
+    """Row ``name`` measured in a fresh process, as the benchmark measures each row; a failure raises with its
+    output's tail."""
+    with tempfile.TemporaryDirectory(prefix="idle-row-") as tmp:
+        out = Path(tmp) / "row.json"
+        command = [sys.executable, "-m", "benchmarks.idle", f"--configs={name}", f"--row-out={out}", *options]
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not out.exists():
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"row {name} failed (exit code {done.returncode}):\n{tail}")
+        return json.loads(out.read_text())
 
 
 if __name__ == "__main__":
