@@ -728,9 +728,7 @@ def test_a_compiled_mlp_with_dropout_runs_its_module():
 
 
 def count_shared_products(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The number of layers in each `functional.shared_factor_products` call that a trace makes (from a fresh start:
-    earlier tests' compiles count towards Dynamo's recompile limit, past which it runs the model eagerly)."""
-    torch._dynamo.reset()
+    """The number of layers in each `functional.shared_factor_products` call that a trace makes."""
     sizes: list[int] = []
     original = fused.shared_factor_products
 
