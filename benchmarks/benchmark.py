@@ -73,11 +73,9 @@ from benchmarks.rows import (
     RowSpec,
     Settings,
     all_rows,
-    attach,
-    enable_checkpointing,
-    make_optimizer,
     parse_row,
     select_rows,
+    set_up,
 )
 from benchmarks.shapes import DTYPES, SHAPES, TARGET_MODULES
 from benchmarks.timing import median_ms, synchronize, timed_steps
@@ -101,14 +99,8 @@ def measure_row(row: RowSpec, settings: Settings) -> dict[str, Any]:
         importlib.import_module("liger_kernel.transformers")
     sources = library_digest()  # the code this row measures, edited or not
     meter = MemoryMeter(device, own_process=settings.isolation == "process")
-    model = settings.build_model(device)
-    if row.checkpointing:
-        enable_checkpointing(model)
-    net, save_adapter_to = attach(row, model, settings)
+    model, net, optimizer, optimizer_name, step_net, tokens, save_adapter_to = set_up(row, settings, device)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer, optimizer_name = make_optimizer(params, settings.lr)
-    step_net = torch.compile(net) if row.mode == "compile" else net
-    tokens = settings.tokens(device)
 
     def step() -> torch.Tensor:
         loss = step_net(input_ids=tokens, labels=tokens, use_cache=False).loss

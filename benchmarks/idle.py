@@ -39,7 +39,7 @@ from benchmarks.benchmark import parse_args as benchmark_args
 from benchmarks.benchmark import settings_from_args
 from benchmarks.environment import REPO_ROOT, environment
 from benchmarks.memory import resolve_device
-from benchmarks.rows import Settings, attach, enable_checkpointing, make_optimizer, parse_row
+from benchmarks.rows import Settings, parse_row, set_up
 from benchmarks.timing import synchronize
 
 PHASES = ("forward", "backward", "optimizer")
@@ -101,14 +101,8 @@ def measure_row(name: str, settings: Settings, device: torch.device, host_steps:
     row = parse_row(name)
     if row.kernels == "liger":
         importlib.import_module("liger_kernel.transformers")
-    model = settings.build_model(device)
-    if row.checkpointing:
-        enable_checkpointing(model)
-    net, _ = attach(row, model, settings)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer, _ = make_optimizer(params, settings.lr)
-    step_net = torch.compile(net) if row.mode == "compile" else net
-    tokens = settings.tokens(device)
+    training = set_up(row, settings, device)
+    optimizer, step_net, tokens = training.optimizer, training.step_net, training.tokens
 
     def step(mark: Callable[[str], None]) -> None:
         with torch.profiler.record_function(_PHASE + "forward"):

@@ -7,7 +7,7 @@ import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -205,6 +205,31 @@ def attach(row: RowSpec, model: nn.Module, settings: Settings) -> tuple[nn.Modul
         return folder / "adapter_model.safetensors"
 
     return peft_model, save
+
+
+class Training(NamedTuple):
+    """A row set up to train: the model built, the module to train (a wrapper of it for PEFT), its optimizer (None
+    with nothing to train), what runs a step's forward (the module, compiled for a compile row), the batch, and
+    the adapter saver of `attach`."""
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    optimizer_name: str
+    step_net: nn.Module
+    tokens: torch.Tensor
+    save_adapter_to: Callable[[Path], Path] | None
+
+
+def set_up(row: RowSpec, settings: Settings, device: torch.device) -> Training:
+    """The shape's model on ``device``, checkpointed and set up for ``row`` (`attach`), with its optimizer."""
+    model = settings.build_model(device)
+    if row.checkpointing:
+        enable_checkpointing(model)
+    net, save_adapter_to = attach(row, model, settings)
+    optimizer, optimizer_name = make_optimizer([p for p in net.parameters() if p.requires_grad], settings.lr)
+    step_net = torch.compile(net) if row.mode == "compile" else net
+    return Training(model, net, optimizer, optimizer_name, step_net, settings.tokens(device), save_adapter_to)
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float) -> tuple[torch.optim.Optimizer | None, str]:
