@@ -22,7 +22,6 @@ the host split. Example (one H200)::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import subprocess
 import sys
@@ -58,10 +57,12 @@ def idle_by_phase(
     the unit given, results in the same unit."""
     totals: dict[str, float] = {"wall": 0.0, "busy": 0.0}
     idle: dict[str, float] = {}
+    ran = 0
     for start, end in steps:
         inside = sorted((a, b) for a, b in kernels if start <= a <= end)
         if not inside:
             continue
+        ran += 1
         busy_until = start
         for a, b in inside:
             if a > busy_until:
@@ -70,7 +71,7 @@ def idle_by_phase(
             totals["busy"] += max(0.0, b - max(a, busy_until))
             busy_until = max(busy_until, b)
         totals["wall"] += busy_until - start
-    n = max(1, sum(1 for start, end in steps if any(start <= a <= end for a, _ in kernels)))
+    n = max(1, ran)
     return {
         "wall": totals["wall"] / n,
         "busy": totals["busy"] / n,
@@ -98,10 +99,7 @@ def _phase_at(t: float, phases: Sequence[tuple[float, float, str]]) -> str:
 
 def measure_row(name: str, settings: Settings, device: torch.device, host_steps: int, profile_steps: int) -> dict:
     """Host split and device idle of row ``name``."""
-    row = parse_row(name)
-    if row.kernels == "liger":
-        importlib.import_module("liger_kernel.transformers")
-    training = set_up(row, settings, device)
+    training = set_up(parse_row(name), settings, device)
     optimizer, step_net, tokens = training.optimizer, training.step_net, training.tokens
 
     def step(mark: Callable[[str], None]) -> None:

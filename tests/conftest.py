@@ -20,4 +20,3 @@ def _fresh_dynamo():
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is not None:
         dynamo.reset()
-    yield
