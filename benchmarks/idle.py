@@ -8,13 +8,17 @@ up, then
   how long the device still works after that (mean of the middle steps). A host far ahead of the device waits for
   room in the launch queue, so a long host phase may be the device's pace: the idle split says who waited;
 - **device idle**: profiles a few steps (CUDA kernels) and splits each step's wall time into the union of kernel
-  time and idle gaps; each gap is put on the host phase (forward, backward, optimizer) that was running when the
-  kernel ending it started: the host was late to launch it. ``before`` is the gap at the start of a step (the
-  host's work before the first kernel: Python, ``torch.compile``'s guards).
+  time and idle gaps. A gap whose closing kernel the host launched only after the device had run dry is the
+  host's: it goes to the phase (forward, backward, optimizer) that launched that kernel (the launch call with the
+  kernel's correlation id), ``other`` outside them. A gap whose closing kernel was already queued is the device's
+  own (``queued``: the time between queued kernels, waits across streams). ``before`` is the gap at the start of a
+  step (the host's work before the first kernel: Python, ``torch.compile``'s guards).
 
 Writes ``idle.json`` and ``idle.md`` to ``--out``. Each row runs in a process of its own, as in the benchmark
-(whose step times these are not: the profiled steps carry the profiler's cost). On CPU there are no kernels: only
-the host split. Example (one H200)::
+(whose step times these are not: the profiled steps carry the profiler's cost); a row that fails is reported as
+failed and the others are kept. On CPU there are no kernels: only the host split. Besides the options below, it
+takes the benchmark's model, batch and device options (``--shape``, ``--device``, ``--batch-size``, ``--seq-len``,
+``--rank``, ``--warmup``, ``--threads``, ...). Example (one H200)::
 
     python -m benchmarks.idle --shape llama-1b --configs frozen:eager:liger ours:eager:liger --out outputs/idle
 """
@@ -47,26 +51,30 @@ _STEP = "idle_step"
 
 
 def idle_by_phase(
-    kernels: Sequence[tuple[float, float]],
+    kernels: Sequence[tuple[float, float, float]],
     phases: Sequence[tuple[float, float, str]],
     steps: Sequence[tuple[float, float]],
 ) -> dict[str, Any]:
     """Per step (means over ``steps``, ``(start, end)``): wall (step start to its last kernel's end), the union of
-    ``kernels`` (``(start, end)``) and the idle gaps by the phase (``(start, end, name)``) running when the kernel
-    after the gap started (``before`` for the gap before the first kernel, ``other`` outside every phase). Times in
-    the unit given, results in the same unit."""
+    ``kernels`` (``(start, end, launched)``, ``launched``: when the host's launch call returned) and the idle gaps:
+    ``before`` the first kernel; on the phase (``(start, end, name)``) that launched the kernel after the gap where
+    that launch came after the device ran dry (``other`` outside every phase); ``queued`` where it came before.
+    Times in the unit given, results in the same unit."""
     totals: dict[str, float] = {"wall": 0.0, "busy": 0.0}
     idle: dict[str, float] = {}
     ran = 0
     for start, end in steps:
-        inside = sorted((a, b) for a, b in kernels if start <= a <= end)
+        inside = sorted(k for k in kernels if start <= k[0] <= end)
         if not inside:
             continue
         ran += 1
         busy_until = start
-        for a, b in inside:
+        for a, b, launched in inside:
             if a > busy_until:
-                where = "before" if busy_until == start else _phase_at(a, phases)
+                if busy_until == start:
+                    where = "before"
+                else:
+                    where = _phase_at(launched, phases) if launched >= busy_until else "queued"
                 idle[where] = idle.get(where, 0.0) + a - busy_until
             totals["busy"] += max(0.0, b - max(a, busy_until))
             busy_until = max(busy_until, b)
@@ -82,9 +90,19 @@ def idle_by_phase(
 
 def trace_intervals(events: Sequence[dict[str, Any]]) -> tuple[list, list, list]:
     """``(kernels, phases, steps)`` for `idle_by_phase` from a Chrome trace's events (microseconds): every kernel,
-    copy and memset on the device, and the host ranges this module opens."""
+    copy and memset on the device with the end of the runtime or driver call that launched it (its correlation id;
+    the kernel's own start where none is recorded), and the host ranges this module opens."""
     spans = [e for e in events if e.get("ph") == "X"]
-    kernels = [(e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    launched = {
+        e["args"]["correlation"]: e["ts"] + e["dur"]
+        for e in spans
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
+    kernels = [
+        (e["ts"], e["ts"] + e["dur"], launched.get(e.get("args", {}).get("correlation"), e["ts"]))
+        for e in spans
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
     host = [e for e in spans if e.get("cat") == "user_annotation"]
     phases = [
         (e["ts"], e["ts"] + e["dur"], e["name"].removeprefix(_PHASE)) for e in host if e["name"].startswith(_PHASE)
@@ -118,7 +136,8 @@ def measure_row(name: str, settings: Settings, device: torch.device, host_steps:
     for _ in range(settings.warmup):
         step(lambda _: None)
     synchronize(device)
-    record: dict[str, Any] = {"name": name, "host_ms": host_split(step, device, host_steps)}
+    record: dict[str, Any] = {"name": name, "torch_threads": torch.get_num_threads()}
+    record["host_ms"] = host_split(step, device, host_steps)
     record["device_ms"] = None
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -175,6 +194,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
+        if "error" in r:
+            reason = r["error"].splitlines()[-1][-200:].replace("|", "/")
+            lines.append(f"| {r['name']} | FAILED: {reason} |" + " |" * 7)
+            continue
         h, d = r["host_ms"], r["device_ms"]
         device = ["-"] * 4 if d is None else [f"{d['wall']:.1f}", f"{d['busy']:.1f}", f"{d['idle']:.1f}"]
         if d is not None:
@@ -188,14 +211,23 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--configs", nargs="+", default=[], help="benchmark row names, e.g. ours:eager:liger")
     parser.add_argument("--out", type=Path, help="folder for idle.json and idle.md")
-    parser.add_argument("--host-steps", type=int, default=12)
-    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--host-steps", type=int, default=12, help="unprofiled steps timed for the host split")
+    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps for the device idle (CUDA)")
     parser.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)  # internal: one row, in this process
     args, rest = parser.parse_known_args(argv)  # the rest: benchmark.py's model and batch options
-    settings = settings_from_args(benchmark_args(rest))
+    given = benchmark_args(rest)
+    unused = [f"--{option}" for option in ("profile", "merge", "list") if getattr(given, option)]
+    if unused:
+        parser.error(f"{', '.join(unused)}: options of benchmarks.benchmark that benchmarks.idle does not take")
+    settings = settings_from_args(given)
+    for option in ("host_steps", "profile_steps"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     device = resolve_device(settings.device)
     for name in args.configs:
         try:
@@ -203,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:
             parser.error(str(err))
     if args.row_out is not None:
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
         record = measure_row(args.configs[0], settings, device, args.host_steps, args.profile_steps)
         args.row_out.write_text(json.dumps(record))
         return 0
@@ -216,19 +250,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = render_markdown(report)
     (args.out / "idle.md").write_text(markdown)
     print(markdown)
-    return 0
+    failed = [r["name"] for r in rows if "error" in r]
+    if failed:
+        print(f"{len(failed)} row(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _row_in_subprocess(name: str, options: list[str]) -> dict[str, Any]:
-    """Row ``name`` measured in a fresh process, as the benchmark measures each row; a failure raises with its
-    output's tail."""
+    """Row ``name`` measured in a fresh process, as the benchmark measures each row; a failure gives ``{"name",
+    "error"}`` with its output's tail, so that one failing row (out of memory, say) loses no other."""
     with tempfile.TemporaryDirectory(prefix="idle-row-") as tmp:
         out = Path(tmp) / "row.json"
         command = [sys.executable, "-m", "benchmarks.idle", f"--configs={name}", f"--row-out={out}", *options]
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not out.exists():
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-            raise RuntimeError(f"row {name} failed (exit code {done.returncode}):\n{tail}")
+            return {"name": name, "error": f"exit code {done.returncode}: {tail}"}
         return json.loads(out.read_text())
 
 
