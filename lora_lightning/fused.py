@@ -28,8 +28,10 @@ module's forward under selective checkpointing that recomputes elementwise resul
 Either way it keeps ``G`` and ``U`` but not ``act(G) * U``: Inductor's partitioner keeps down's input otherwise,
 because the adapter's gradient multiplies it. Traced siblings that get one tensor share ``h = d(x) [A_1; ...]^T``
 as plain operations (`SharedInputGroup.run_traced`); the tensor carries the others' shares from the first call to
-theirs, so that neither sets nor clears state outside the traced region (activation checkpointing allows none).
-Unlike the eager node, the traced path does not see an in-place change of the tensor between the siblings' calls.
+theirs, so that neither sets nor clears state outside the traced region (activation checkpointing allows none),
+and the parent drops those left as it returns (a sibling called outside its parent leaves them until then).
+Unlike the eager node, the traced path does not see an in-place change of the tensor between the siblings' calls,
+and a sibling that a traced forward does not call gets a zero gradient for its ``A`` where it would get none.
 
 Dropout draws one mask per shared input where PEFT draws one per adapter: each adapter's mask has PEFT's
 distribution, but the adapters of one input see the same mask in a step (they are correlated).
@@ -211,7 +213,7 @@ class SharedInputGroup:
         self._pending: dict[tuple[LoRALinear, ...], tuple[torch.Tensor, int, dict[LoRALinear, torch.Tensor]]] = {}
         self._handles = [
             parent.register_forward_pre_hook(self._begin),
-            parent.register_forward_hook(self._end, always_call=True),
+            parent.register_forward_hook(self._end, with_kwargs=True, always_call=True),
         ]
         for layer in members.values():
             layer.input_group = self
@@ -258,7 +260,9 @@ class SharedInputGroup:
         of the tensor, which Dynamo traces, also inside activation checkpointing) for the others; ``None`` for the
         module path. The siblings are those the first eager forward saw share their input, else every member of
         the group (a member later called on another tensor computes its own ``h``; its share of the first is
-        unused)."""
+        unused). Each share is taken once; as the parent returns, its forward hook drops the shares left on its
+        tensor arguments (`_drop_shares`), so that no later call takes a share of old factors; the attribute is
+        ``None`` on a tensor with nothing left (Dynamo traces no ``delattr`` of a tensor)."""
         shared = getattr(x, _SHARED_PRODUCTS, None)
         products = None if shared is None else shared.get(self)
         operands = layer.fused_operands(x, traced=True)
@@ -271,11 +275,11 @@ class SharedInputGroup:
             together = {s: o for s, o in together.items() if o is not None and o.dropout == operands.dropout}
             if len(together) < 2 or layer not in together:
                 return None
-            products = dict(zip(together, shared_factor_products(x, list(together.values())), strict=True))
             if shared is None:
                 shared = {}
                 setattr(x, _SHARED_PRODUCTS, shared)
-            shared[self] = products
+            products = shared.setdefault(self, {})  # siblings of another dropout may have shares waiting here
+            products.update(zip(together, shared_factor_products(x, list(together.values())), strict=True))
         return linear_with_factor_product(x, operands, products.pop(layer))
 
     def settle(self, sets: dict[LoRALinear, tuple[LoRALinear, ...]]) -> None:
@@ -306,8 +310,9 @@ class SharedInputGroup:
             )
         self._turning_off.clear()
 
-    def _end(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _end(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if torch.compiler.is_compiling():
+            _drop_shares(self, (*args, *kwargs.values()))
             return
         self._pending.clear()
         if self.sets is None and self._settled is None and self._seen:
@@ -348,6 +353,16 @@ class _FirstForwardLog:
                 f"LoRA fused paths, seen in the first forward: one shared-input node each for {together}; own node "
                 f"(another tensor than their siblings): {_summary(self.alone)}"
             )
+
+
+def _drop_shares(group: SharedInputGroup, values: Any) -> None:
+    """Drop ``group``'s shares (`SharedInputGroup.run_traced`) from the tensors among ``values``."""
+    for value in values:
+        shared = getattr(value, _SHARED_PRODUCTS, None) if isinstance(value, torch.Tensor) else None
+        if shared is not None and group in shared:
+            del shared[group]
+            if not shared:
+                setattr(value, _SHARED_PRODUCTS, None)
 
 
 def _version(x: torch.Tensor) -> int | None:

@@ -793,6 +793,68 @@ def test_compiled_siblings_share_their_product_inside_activation_checkpointing()
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+class Heads(nn.Module):
+    """Three siblings on one input; ``use`` names those a call runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, use: tuple[str, ...]) -> torch.Tensor:
+        return sum(getattr(self, name)(x).square().sum() for name in use)
+
+
+@pytest.mark.slow
+def test_compiled_shares_left_untaken_on_a_tensor_are_dropped_when_the_parent_returns():
+    """A call that runs q alone on ``x`` leaves k's and v's shares; after an optimizer step changes ``A_k`` in
+    place, a later call running k on the same ``x`` (also under no_grad, in eval) must not take the old one. Nothing
+    of the group stays on the caller's tensor (it would pickle the modules)."""
+    torch.manual_seed(0)
+    reference = Heads()
+    inject_lora(reference, LoRAConfig(r=2, alpha=4, target_modules=["q", "k", "v"]))
+    with torch.no_grad():
+        for p in adapter_parameters(reference):
+            p.normal_()
+    model = copy.deepcopy(reference)
+    install_fused_paths(model)
+    sizes: list[int] = []
+    compiled = torch.compile(model, fullgraph=True, backend=recording_shared_products(sizes))
+    x = torch.randn(3, 8)
+    for use in [("q",), ("k",), ("q", "k", "v")]:
+        with torch.no_grad():  # an optimizer step on every A
+            for net in (model, reference):
+                for p in adapter_parameters(net):
+                    p.add_(0.5)
+        for train, grad in [(True, True), (False, False)]:
+            for net in (model, reference):
+                net.train(train).zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(grad):
+                got, want = compiled(x, use), reference(x, use)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            if grad:
+                got.backward()
+                want.backward()
+                for g, w in zip(adapter_parameters(model), adapter_parameters(reference), strict=True):
+                    got_grad, want_grad = (torch.zeros_like(w) if t is None else t for t in (g.grad, w.grad))
+                    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5)  # not run: A's is 0
+            assert getattr(x, "_lora_shared_factor_products") is None  # noqa: B009
+    assert sizes == [3] * 6  # each graph (3 uses, 2 modes) shares one product of the three A
+    buffer = io.BytesIO()
+    torch.save(x, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=True), x)
+
+
+def recording_shared_products(sizes: list[int]) -> Any:
+    """A backend that runs the graph as traced (aot_eager) and records the widths of the ``A`` products."""
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list) -> Any:
+        sizes.extend(len(n.args[1]) for n in graph.graph.nodes if n.op == "call_method" and n.target == "split")
+        return torch._dynamo.backends.debugging.aot_eager(graph, example_inputs)
+
+    return backend
+
+
 def test_fold_gated_mlps_makes_the_weights_views_of_the_buffers_again_after_a_move():
     """Between a move and the next fold, the custom op would fold copies each call: it says so, naming the fix."""
     model = adapted_llama()
