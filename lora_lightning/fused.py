@@ -13,7 +13,7 @@ fallback. The math of each path is in `functional`.
   `functional.lora_gated_mlp`, which recomputes ``act(gate) * up`` in backward instead of saving down's input and
   folds the adapters into the base GEMMs: from the MLP's first fused call on, its three frozen weights are views of
   a `functional.MLPBuffers` (the same values; `remove_fused_paths` gives each its own storage back).
-- **Norm inputs.** A fused node whose input is the latest output of a frozen leaf sibling of its module (a norm)
+- **Norm inputs.** A fused node whose input is an output of a frozen leaf sibling of its module (a norm)
   whose own autograd node keeps the sibling's input (Liger's RMSNorm does; see `InputProducers`) keeps that input
   instead of its own and runs the sibling again in backward (on CUDA, an RMSNorm as one `norm_triton` launch where
   that gives its bits): the block keeps one activation where it kept two.
@@ -40,6 +40,7 @@ distribution, but the adapters of one input see the same mask in a step (they ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import weakref
 from collections import Counter
@@ -404,13 +405,12 @@ class InputProducers:
     """Leaf siblings of the fused modules (a decoder block's norms) that may produce a fused node's input. One
     whose autograd node keeps its input and which gives the same bits when run again (a probe, on the first call
     per device and dtype: Liger's RMSNorm qualifies, Hugging Face's, which keeps an fp32 copy, does not) has its
-    latest output remembered, weakly; a node reading that output, unchanged, keeps the module's input in its
+    outputs remembered, weakly; a node reading one of them, unchanged, keeps the module's input in its
     place and runs the module again in backward (`functional.InputProducer`): on CUDA, an RMSNorm by structure that
     gives `norm_triton.rms_norm`'s bits on a probe runs as that one launch instead."""
 
     def __init__(self) -> None:
-        self._latest: dict[int, _Produced] = {}  # by id(output)
-        self._latest_of: dict[nn.Module, int] = {}
+        self._outputs: dict[int, _Produced] = {}  # by id(output), while the output lives
         # how to run each module again, or None where it is no producer (probed once per device, dtype and mode)
         self._reruns: dict[tuple[nn.Module, torch.device, torch.dtype, bool], _Rerun | None] = {}
         self._handles: list[Any] = []
@@ -419,11 +419,13 @@ class InputProducers:
         self._handles += [module.register_forward_hook(self._record) for module in modules]
 
     def of(self, x: torch.Tensor) -> InputProducer | None:
-        """How ``x`` came about, if a producer's latest output is ``x``, neither changed in place since."""
-        latest = self._latest.get(id(x))
-        if latest is None:
+        """How ``x`` came about, if ``x`` is a producer's output, neither changed in place since: whichever call
+        made it, so that a recomputation in backward (activation checkpointing) decides as its forward did, also
+        after later forwards."""
+        produced = self._outputs.get(id(x))
+        if produced is None:
             return None
-        output, version, rerun, source, source_version = latest
+        output, version, rerun, source, source_version = produced
         kept = source()
         if output() is not x or x._version != version or kept is None or kept._version != source_version:
             return None
@@ -434,13 +436,14 @@ class InputProducers:
             handle.remove()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Without the latest outputs (weak references, which do not pickle and only matter within a forward) and
-        the reruns (probed again on the next forward)."""
-        return {**self.__dict__, "_latest": {}, "_latest_of": {}, "_reruns": {}}
+        """Without the outputs (weak references, which do not pickle and only matter within a step) and the reruns
+        (probed again on the next forward)."""
+        return {**self.__dict__, "_outputs": {}, "_reruns": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.pop("_verdicts", None)  # an earlier version's probe results, probed again like the reruns
-        self.__dict__.update({"_reruns": {}, **state})
+        for earlier in ("_verdicts", "_latest", "_latest_of"):  # earlier versions' state, rebuilt as it runs
+            state.pop(earlier, None)
+        self.__dict__.update({"_reruns": {}, "_outputs": {}, **state})
 
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling() or len(args) != 1 or not isinstance(output, torch.Tensor):
@@ -455,15 +458,23 @@ class InputProducers:
             self._reruns[key] = _rerun(module, source)
         rerun = self._reruns[key]
         if rerun is not None:
-            self._latest.pop(self._latest_of.get(module), None)
-            self._latest_of[module] = id(output)
-            self._latest[id(output)] = _Produced(
-                weakref.ref(output), output._version, rerun, weakref.ref(source), source._version
+            key = id(output)
+            self._outputs[key] = _Produced(
+                weakref.ref(output, functools.partial(self._forget, key)),
+                output._version,
+                rerun,
+                weakref.ref(source),
+                source._version,
             )
+
+    def _forget(self, key: int, dead: weakref.ref) -> None:
+        """Drop the record of an output that died (unless another output took its id since)."""
+        if key in self._outputs and self._outputs[key].output is dead:
+            del self._outputs[key]
 
 
 class _Produced(NamedTuple):
-    """A producer's latest call, weakly: its output and input with their in-place versions at the time."""
+    """A producer's call, weakly: its output and input with their in-place versions at the time."""
 
     output: weakref.ref
     version: int

@@ -4,6 +4,7 @@ gradients as the per-layer path, one info line for what was not fused, and clean
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import logging
 import pickle
@@ -791,6 +792,31 @@ def test_compiled_siblings_share_their_product_inside_activation_checkpointing()
     assert [n.args[1] for n in splits] == [[4, 4, 4]]  # h = x [A_q; A_k; A_v]^T, split by rank
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_checkpointed_mlp_recomputed_after_another_forward_reruns_its_norm_as_its_forward_did():
+    """Only the MLPs checkpointed, norms that keep their input outside (Liger's do), two forwards before one
+    backward (two losses): the recomputation of the first forward must keep the norm's input as that forward did,
+    though the norm has made another output since (else backward ran the norm on its own output)."""
+    second = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(7))
+
+    def grads(fused: bool) -> list[torch.Tensor]:
+        model = keep_norm_inputs(adapted_llama())
+        with torch.no_grad():  # weights far from 1: a norm run on its own output changes it
+            for module in model.modules():
+                if isinstance(module, InputKeepingRMSNorm):
+                    module.weight.uniform_(0.5, 2.5)
+        if fused:
+            install_fused_paths(model)
+        for layer in model.model.layers:
+            layer.mlp.forward = functools.partial(checkpoint, layer.mlp.forward, use_reentrant=False)
+        first = model(input_ids=TOKENS, labels=TOKENS).loss
+        (first + model(input_ids=second, labels=second).loss).backward()
+        return [p.grad for p in adapter_parameters(model)]
+
+    for got, want in zip(grads(fused=True), grads(fused=False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 class Heads(nn.Module):
