@@ -44,7 +44,7 @@ import functools
 import itertools
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -198,7 +198,9 @@ class SharedInputGroup:
 
     What a forward saw (the sets of siblings that got one tensor, or a sibling that got another tensor later)
     takes effect at the start of the next forward that is not a recomputation inside backward, so that activation
-    checkpointing recomputes a block exactly as its forward ran."""
+    checkpointing recomputes a block exactly as its forward ran. Where such a forward may be recomputed (under
+    saved-tensor hooks, as non-reentrant checkpointing's), the change waits until the backward of every forward run
+    since has reached the parent: two forwards may come before a backward."""
 
     def __init__(
         self, parent_name: str, parent: nn.Module, members: dict[str, LoRALinear], producers: InputProducers
@@ -211,6 +213,7 @@ class SharedInputGroup:
         self._seen: dict[LoRALinear, torch.Tensor | None] = {}
         self._settled: dict[LoRALinear, tuple[LoRALinear, ...]] | None = None  # seen, in effect from the next forward
         self._turning_off: dict[tuple[LoRALinear, ...], str] = {}
+        self._unfinished = 0  # forwards run with the old wiring since a change was seen, their backward to come
         self._pending: dict[tuple[LoRALinear, ...], tuple[torch.Tensor, int, dict[LoRALinear, torch.Tensor]]] = {}
         self._handles = [
             parent.register_forward_pre_hook(self._begin),
@@ -298,7 +301,7 @@ class SharedInputGroup:
         if torch.compiler.is_compiling():
             return
         self._pending.clear()
-        if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward: as its forward ran
+        if torch._C._current_graph_task_id() != -1 or self._unfinished:  # as the forwards to recompute ran
             return
         if self.sets is None and self._settled is not None:
             self.sets, self._settled = self._settled, None
@@ -318,6 +321,23 @@ class SharedInputGroup:
         self._pending.clear()
         if self.sets is None and self._settled is None and self._seen:
             self._settle()
+        changing = (self.sets is None and self._settled is not None) or self._turning_off
+        node = _grad_fn(output)
+        if changing and node is not None and _may_be_recomputed() and torch._C._current_graph_task_id() == -1:
+            self._unfinished += 1
+            node.register_prehook(self._backward_reached())
+
+    def _backward_reached(self) -> Callable[[Any], None]:
+        """A hook for the node of a forward's output: the first time backward reaches it, that forward is done."""
+        reached = False
+
+        def hook(grad_outputs: Any) -> None:
+            nonlocal reached
+            if not reached:
+                reached = True
+                self._unfinished -= 1
+
+        return hook
 
     def _settle(self) -> None:
         """Group the layers seen in the first forward by the tensor they got."""
@@ -354,6 +374,18 @@ class _FirstForwardLog:
                 f"LoRA fused paths, seen in the first forward: one shared-input node each for {together}; own node "
                 f"(another tensor than their siblings): {_summary(self.alone)}"
             )
+
+
+def _may_be_recomputed() -> bool:
+    """Whether saved-tensor hooks are on, as non-reentrant activation checkpointing's are in a forward that its
+    backward runs again."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def _grad_fn(output: Any) -> Any:
+    """The autograd node of ``output``, or of the first tensor of a tuple or list output that has one."""
+    tensors = output if isinstance(output, tuple | list) else (output,)
+    return next((t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
 
 
 def _drop_shares(group: SharedInputGroup, values: Any) -> None:

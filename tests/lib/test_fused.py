@@ -819,6 +819,30 @@ def test_a_checkpointed_mlp_recomputed_after_another_forward_reruns_its_norm_as_
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_two_forwards_before_the_first_backward_under_checkpointing_recompute_as_they_ran(monkeypatch):
+    """The first forward sees the wiring; a second before any backward must still run each layer's own node, as
+    the recomputations of both in backward will (else they save other tensors than their forwards: an error).
+    Sharing starts with the forward after that backward."""
+    second = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(7))
+
+    def grads(fused: bool) -> list[torch.Tensor]:
+        model = adapted_llama()
+        if fused:
+            install_fused_paths(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        (model(input_ids=TOKENS, labels=TOKENS).loss + model(input_ids=second, labels=second).loss).backward()
+        grads = [p.grad.clone() for p in adapter_parameters(model)]
+        if fused:
+            calls = count_calls(monkeypatch, "lora_shared_input")
+            model(input_ids=TOKENS, labels=TOKENS).loss.backward()
+            assert calls == {"lora_shared_input": 2 * len(model.model.layers)}  # forward, and its recomputation
+        return grads
+
+    for got, want in zip(grads(fused=True), grads(fused=False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 class Heads(nn.Module):
     """Three siblings on one input; ``use`` names those a call runs."""
 
