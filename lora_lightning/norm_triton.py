@@ -29,7 +29,7 @@ def _rms_norm(x, w, y, k, eps, offset, BLOCK: tl.constexpr):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """RMSNorm over the last dimension of CUDA tensor ``x`` with the 1-D ``weight``, one program a row."""
     k = x.shape[-1]
-    rows = x.reshape(-1, k).contiguous()
+    rows, weight = x.reshape(-1, k).contiguous(), weight.contiguous()
     out = torch.empty_like(rows)
     block = triton.next_power_of_2(k)
     # the warps of Liger-Kernel's RMSNorm at this width, so that the row sums add up in the same order

@@ -111,6 +111,14 @@ def test_the_norm_kernel_gives_liger_s_rmsnorm_bits(width, offset):
     assert (_rerun(norm, x).probed is not None) == (width > 256 or same)
 
 
+def test_the_rerun_kernel_reads_a_strided_weight_as_its_values():
+    from lora_lightning import norm_triton
+
+    x, weight = torch.randn(4, 100, device="cuda"), torch.randn(200, device="cuda")[::2]
+    want = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * weight
+    torch.testing.assert_close(norm_triton.rms_norm(x, weight, 1e-6), want)
+
+
 def test_a_norm_that_keeps_its_input_with_other_bits_runs_its_own_forward_again():
     needs_liger()
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
