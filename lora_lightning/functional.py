@@ -153,10 +153,11 @@ class MLPBuffers:
         if buffers is not None and buffers.ranks == ranks and buffers.holds(w_g, w_u, w_d):
             return buffers
         warnings.warn(
-            "lora_lightning: a gated MLP's weights are not views of folded buffers (not folded yet, or the model was "
-            "moved, cast or copied since), so each call of its custom op folds copies of them: slower, and more "
-            "memory. Call lora_lightning.fold_gated_mlps(model) on the training device before the first compiled "
-            "step (LoRAFinetuneCallback does as fit starts).",
+            "lora_lightning: a gated MLP's weights are not views of folded buffers for its active adapters' ranks "
+            "(not folded yet, the model moved, cast or copied since, or an adapter of other ranks made active), so "
+            "each call of its custom op folds copies of them: slower, and more memory. Call "
+            "lora_lightning.fold_gated_mlps(model) on the training device before the first compiled step, and again "
+            "after such a change (LoRAFinetuneCallback does as fit starts).",
             stacklevel=2,
         )
         return cls.fold(w_g, w_u, w_d, *ranks)
