@@ -322,10 +322,11 @@ class SharedInputGroup:
         if self.sets is None and self._settled is None and self._seen:
             self._settle()
         changing = (self.sets is None and self._settled is not None) or self._turning_off
-        node = _grad_fn(output)
-        if changing and node is not None and _may_be_recomputed() and torch._C._current_graph_task_id() == -1:
-            self._unfinished += 1
-            node.register_prehook(self._backward_reached())
+        if changing and torch._C._current_graph_task_id() == -1 and _may_be_recomputed():
+            node = _grad_fn(output)
+            if node is not None:
+                self._unfinished += 1
+                node.register_prehook(self._backward_reached())
 
     def _backward_reached(self) -> Callable[[Any], None]:
         """A hook for the node of a forward's output: the first time backward reaches it, that forward is done."""
@@ -490,9 +491,8 @@ class InputProducers:
             self._reruns[key] = _rerun(module, source)
         rerun = self._reruns[key]
         if rerun is not None:
-            key = id(output)
-            self._outputs[key] = _Produced(
-                weakref.ref(output, functools.partial(self._forget, key)),
+            self._outputs[id(output)] = _Produced(
+                weakref.ref(output, functools.partial(self._forget, id(output))),
                 output._version,
                 rerun,
                 weakref.ref(source),
