@@ -75,7 +75,8 @@ def _dropped_linear(
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, k, BK):
         cols = k0 + tl.arange(0, BK)
-        tile = tl.load(x + rows[:, None] * sxn + cols[None, :] * sxk, (rows[:, None] < n) & (cols[None, :] < k), 0.0)
+        offsets = rows[:, None] * sxn + cols[None, :].to(tl.int64) * sxk  # a column-major input: j * n past int32
+        tile = tl.load(x + offsets, (rows[:, None] < n) & (cols[None, :] < k), 0.0)
         keep = keep_mask(seed, rows, k0 // 8, n_col8, thresh, BM, BK)
         store_mask(bits, keep, rows, k0 // 8, n_col8, n, BM, BK)
         tile = tl.where(keep, tile, 0.0).to(a.dtype.element_ty)
@@ -101,7 +102,8 @@ def _grad_factor(
     first = split.to(tl.int64) * rows_per_split
     for m0 in range(first, tl.minimum(first + rows_per_split, n), BM):
         rows = m0 + tl.arange(0, BM)
-        tile = tl.load(x + rows[:, None] * sxn + cols[None, :] * sxk, (rows[:, None] < n) & (cols[None, :] < k), 0.0)
+        offsets = rows[:, None] * sxn + cols[None, :].to(tl.int64) * sxk
+        tile = tl.load(x + offsets, (rows[:, None] < n) & (cols[None, :] < k), 0.0)
         tile = tl.where(load_mask(bits, rows, tl.program_id(0) * (BK // 8), n_col8, n, BM, BK), tile, 0.0)
         grads = tl.load(
             gh + rows[:, None] * sgn + ranks[None, :] * sgr, (rows[:, None] < n) & (ranks[None, :] < r), 0.0
@@ -125,7 +127,7 @@ def _add_dropped_grad(
     update = tl.dot(grads, factor, input_precision=PRECISION) * scale
     keep = load_mask(bits, rows, tl.program_id(1) * (BK // 8), tl.cdiv(k, 8), n, BM, BK)
     mask = (rows[:, None] < n) & (cols[None, :] < k)
-    pointers = gx + rows[:, None] * sgxn + cols[None, :] * sgxk
+    pointers = gx + rows[:, None] * sgxn + cols[None, :].to(tl.int64) * sgxk
     total = tl.load(pointers, mask, 0.0).to(tl.float32) + tl.where(keep, update, 0.0)
     tl.store(pointers, total.to(gx.dtype.element_ty), mask)
 

@@ -57,6 +57,27 @@ def test_the_mask_does_not_depend_on_the_input_s_layout_and_bf16_accumulates_in_
     assert (half - want).norm() <= 1e-2 * want.norm()
 
 
+def test_a_column_major_input_past_2_to_the_31_elements_is_addressed_in_64_bits():
+    # element (i, j) of a column-major [n, k] tensor lies j * n elements in: past 2^31 for the last fifth of columns
+    p, n, k, r = 0.1, 5 * 2**16, 8192, 16
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(k, n, device="cuda", dtype=torch.bfloat16, generator=generator).t()
+    a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16, generator=generator) / k**0.5
+    gh = torch.randn(n, r, device="cuda", dtype=torch.bfloat16, generator=generator)
+    h, bits = kernels.dropped_linear(x, a, SEED, p)
+    last = slice(n - 64, n)
+    dropped_last = x[last].float() * unpacked(bits[last], k) / (1 - p)
+    want = dropped_last @ a.float().t()
+    assert (h[last].float() - want).norm() <= 1e-2 * want.norm()
+    blocks = [slice(i, i + 2**15) for i in range(0, n, 2**15)]  # gh^T d(x), a block of rows at a time
+    want = sum(gh[b].float().t() @ (x[b].float() * unpacked(bits[b], k)) for b in blocks) / (1 - p)
+    assert (kernels.grad_factor(gh, x, bits, p) - want).norm() <= 1e-2 * want.norm()
+    gx = torch.zeros(k, n, device="cuda", dtype=torch.bfloat16).t()
+    kernels.add_dropped_grad_(gx, gh, a, bits, p)
+    want = (gh[last].float() @ a.float()) * unpacked(bits[last], k) / (1 - p)
+    assert (gx[last].float() - want).norm() <= 1e-2 * want.norm()
+
+
 def test_the_mask_keeps_each_element_with_probability_1_minus_p_independently():
     p, n, k = 0.05, 1024, 1024
     keep = mask(n, k, SEED, p).float()
